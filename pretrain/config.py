@@ -1,0 +1,523 @@
+"""Typed configuration: one dataclass per concern, YAML files, packaged presets, CLI overrides.
+
+A config is a YAML mapping with the sections ``model``, ``parallel``, ``data``, ``train``, ``optim``,
+``schedule``, ``moe``, ``mtp`` and a free-form ``deepspeed`` section passed through to DeepSpeed.
+``load_config("tiny", ["train.steps=10", "model.n_group=2"])`` loads a packaged preset (or a YAML path)
+and applies ``section.key=value`` overrides. Unknown keys are an error; every validation error is one
+line naming the key and the fix (``ConfigError``).
+
+Model keys use the names of ``transformers``' ``DeepseekV3Config`` / ``LlamaConfig`` so export is a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message is one actionable line."""
+
+
+# A value that is either constant or changes at token counts: ``0.3`` or ``[[0, 0.3], [1.0e12, 0.1]]``
+# (from that many tokens seen on, the value is the second element).
+StepValue = Any
+
+
+def step_value_at(spec: StepValue, tokens_seen: float) -> float:
+    """Evaluate a constant-or-step-change value at ``tokens_seen``."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    value = float(spec[0][1])
+    for start, v in spec:
+        if tokens_seen >= float(start):
+            value = float(v)
+    return value
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Names follow transformers' DeepseekV3Config / LlamaConfig."""
+
+    vocab_size: int = 32000
+    """Vocabulary size (rows of the embedding and output head)."""
+    hidden_size: int = 256
+    """Model width h."""
+    num_hidden_layers: int = 2
+    """Number of transformer blocks (MTP modules not included)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int | None = None
+    """Key/value heads for gqa (None = num_attention_heads). Ignored by mla."""
+    head_dim: int | None = None
+    """Per-head size for mha/gqa (None = hidden_size // num_attention_heads)."""
+    intermediate_size: int = 1024
+    """SwiGLU width of dense FFN layers."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: dict | None = None
+    """YaRN scaling as in the official configs: {type: yarn, factor, original_max_position_embeddings,
+    beta_fast, beta_slow, mscale, mscale_all_dim}; null = none."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    attention: str = "mla"
+    """Attention kind: mha, gqa or mla."""
+    q_lora_rank: int | None = None
+    """MLA query compression rank; null = no query compression (V2-Lite)."""
+    kv_lora_rank: int = 64
+    """MLA compressed key/value latent size."""
+    qk_rope_head_dim: int = 16
+    """MLA decoupled RoPE key/query dim (the rope key is shared by all heads)."""
+    qk_nope_head_dim: int = 32
+    """MLA per-head non-rotary query/key dim."""
+    v_head_dim: int = 32
+    """MLA per-head value dim."""
+    n_routed_experts: int = 0
+    """Routed experts per MoE layer; 0 = dense model."""
+    n_shared_experts: int = 0
+    """Always-on shared experts per MoE layer."""
+    num_experts_per_tok: int = 1
+    """Routed experts selected per token (top-k)."""
+    moe_intermediate_size: int = 256
+    """SwiGLU width of each expert."""
+    first_k_dense_replace: int = 0
+    """The first k layers use a dense FFN instead of MoE."""
+    n_group: int = 1
+    """Expert groups for group-limited routing."""
+    topk_group: int = 1
+    """Groups a token may route to."""
+    routed_scaling_factor: float = 1.0
+    """Multiplier on the routed experts' output."""
+    norm_topk_prob: bool = False
+    """Renormalise the selected gating weights to sum to 1."""
+    scoring_func: str = "softmax"
+    """Router scores: softmax (V2) or sigmoid (V3, with the aux-loss-free correction bias)."""
+    num_nextn_predict_layers: int = 0
+    """Multi-token prediction depth D (0 = none). MTP is used in training only and dropped at export."""
+    initializer_range: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output head."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data-parallel size is derived: world / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor-parallel degree (megatron-core column/row parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel degree (DeepSpeed PipelineModule stages)."""
+    ep: int = 1
+    """Expert-parallel degree; divides the data-parallel size."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    pipeline_layout: list | None = None
+    """Optional number of transformer layers per pipeline stage (sums to num_hidden_layers)."""
+    capacity_factor: float | None = None
+    """Expert capacity factor; null = dropless. Over-capacity tokens are dropped and counted."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    paths: list = field(default_factory=list)
+    """Shard prefixes or directories written by data_pipeline.build."""
+    weights: list | None = None
+    """Blend weights, one per path (null = proportional to size)."""
+    seq_length: int = 128
+    """Tokens per training sample (each window holds seq_length + 1 tokens)."""
+    eval_paths: list = field(default_factory=list)
+    """Held-out shard prefixes or directories for eval/loss."""
+    tokenizer: str | None = None
+    """Path of the sentencepiece model; defaults to the one named in the shards' manifest."""
+    reset_attention_at_eos: bool = False
+    """Mask attention and reset positions across document boundaries inside a window."""
+
+
+@dataclass
+class TrainConfig:
+    """The run."""
+
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints (step_NNNNNNN/, latest), tensorboard/."""
+    seed: int = 1234
+    """Base seed; rank r seeds its RNGs with seed + r (dropout-free models need no more)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation is derived)."""
+    total_tokens: int | None = None
+    """Training length in tokens; fixes the LR schedule and data order. Alternative: steps."""
+    steps: int | None = None
+    """Training length in optimizer steps (used when total_tokens is null)."""
+    exit_at_step: int | None = None
+    """Checkpoint and stop at this step without changing the schedule or data order."""
+    save_interval: int = 1000
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in output_dir (older ones are deleted)."""
+    log_interval: int = 10
+    """Console and TensorBoard scalars every N steps."""
+    eval_interval: int = 0
+    """Held-out evaluation every N steps (0 = never)."""
+    eval_iters: int = 4
+    """Micro-batches per evaluation."""
+    heatmap_interval: int = 100
+    """Expert-load heatmap image every N steps (MoE models)."""
+    activation_checkpointing: str = "none"
+    """none, full (recompute each block) or selective (recompute attention core only)."""
+    precision: str = "bf16"
+    """bf16 or fp32."""
+    peak_flops: float | None = None
+    """Device peak FLOP/s for MFU (null = measured GEMM rate on CPU, 989e12 on GPU)."""
+    batch_size_rampup: list | None = None
+    """Optional [[tokens, global_batch_size], ...]: the batch size in force from each token count on."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms, biases and the expert correction bias)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule as a function of (step, tokens seen)."""
+
+    name: str = "multi_step"
+    """multi_step (DeepSeek LLM), cosine or wsd (warmup-stable-decay)."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to optim.lr."""
+    decay_points: list = field(default_factory=lambda: [0.8, 0.9])
+    """multi_step: fractions of the training tokens where the LR steps down."""
+    decay_factors: list = field(default_factory=lambda: [0.316, 0.1])
+    """multi_step: LR multipliers in force from each decay point."""
+    min_lr_ratio: float = 0.1
+    """cosine / wsd: final LR as a fraction of the peak."""
+    wsd_decay_fraction: float = 0.2
+    """wsd: fraction of the training tokens spent in the final linear decay."""
+
+
+@dataclass
+class MoEConfig:
+    """Load balancing."""
+
+    bias_update_speed: StepValue = 0.001
+    """gamma of the aux-loss-free bias update (sigmoid routers); constant or [[tokens, value], ...]."""
+    seq_aux_alpha: float = 0.0001
+    """alpha of the sequence-wise balance loss (V3); 0 = off."""
+    aux_loss_alpha: float = 0.0
+    """Weight of the V2 expert-level balance loss (softmax routers); 0 = off."""
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction."""
+
+    loss_weight: StepValue = 0.3
+    """lambda on the mean MTP loss; constant or [[tokens, value], ...] (V3: 0.3, then 0.1)."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "moe": MoEConfig,
+    "mtp": MTPConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Passed through to the generated DeepSpeed config (deep-merged over it)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type hint, converting ints to floats where a float is wanted."""
+    hint_s = str(hint)
+    if value is None:
+        if "None" in hint_s or hint is Any:
+            return None
+        raise ConfigError(f"{key}: null is not allowed here; give a value")
+    if hint is Any or hint_s.startswith("typing.Any"):
+        return value
+    if hint is bool or hint_s.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is float or hint_s.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int or hint_s.startswith("int"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is str or hint_s.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is list or hint_s.startswith("list"):
+        if isinstance(value, str):  # a single path given where a list is expected
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if hint is dict or hint_s.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(name: str, cls: type, raw: dict) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested mapping."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(SECTIONS) - {"deepspeed"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(list(SECTIONS) + ['deepspeed'])}")
+    sections = {name: _build_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
+    ds = raw.get("deepspeed") or {}
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed: expected a mapping, got {ds!r}")
+    cfg = Config(**sections, deepspeed=ds)
+    validate(cfg)
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(preset_or_path: str | os.PathLike) -> dict:
+    path = Path(preset_or_path)
+    if not path.suffix and (PRESET_DIR / f"{preset_or_path}.yaml").exists():
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"config {str(preset_or_path)!r}: no such file or preset; presets are {', '.join(list_presets())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)  # a YAML may extend a preset: `base: tiny`
+    if base:
+        merged = _read_yaml(base)
+        for sec, vals in data.items():
+            if isinstance(vals, dict) and isinstance(merged.get(sec), dict):
+                merged[sec] = {**merged[sec], **vals}
+            else:
+                merged[sec] = vals
+        data = merged
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (ints, floats, bools, null, lists)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if parts[0] not in SECTIONS and parts[0] != "deepspeed":
+            raise ConfigError(f"override {key}: unknown section {parts[0]!r}; valid sections are "
+                              f"{', '.join(list(SECTIONS) + ['deepspeed'])}")
+        node = raw.setdefault(parts[0], {})
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(preset_or_path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a packaged preset name or a YAML path, apply ``section.key=value`` overrides, validate."""
+    return config_from_dict(apply_overrides(_read_yaml(preset_or_path), list(overrides)))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_model(m: ModelConfig) -> None:
+    _check(m.attention in ("mha", "gqa", "mla"), f"model.attention={m.attention!r}: use mha, gqa or mla")
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _check(getattr(m, k) > 0, f"model.{k}={getattr(m, k)}: must be positive")
+    _check(m.num_attention_heads % m.kv_heads == 0,
+           f"model.num_key_value_heads={m.kv_heads} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.attention == "mha":
+        _check(m.kv_heads == m.num_attention_heads,
+               f"model.num_key_value_heads={m.kv_heads}: mha needs it equal to num_attention_heads "
+               f"({m.num_attention_heads}); use model.attention=gqa for grouped heads")
+    if m.attention in ("mha", "gqa") and m.head_dim is None:
+        _check(m.hidden_size % m.num_attention_heads == 0,
+               f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+               f"{m.num_attention_heads}; set model.head_dim")
+    if m.attention == "mla":
+        for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            _check(getattr(m, k) > 0, f"model.{k}={getattr(m, k)}: must be positive for mla")
+        _check(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim}: must be even")
+        _check(m.q_lora_rank is None or m.q_lora_rank > 0,
+               f"model.q_lora_rank={m.q_lora_rank}: must be positive, or null for no query compression")
+    if m.rope_scaling is not None:
+        kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
+        _check(kind == "yarn", f"model.rope_scaling.type={kind!r}: only yarn is supported (or null)")
+        _check(float(m.rope_scaling.get("factor", 0)) >= 1.0, "model.rope_scaling.factor: must be >= 1")
+    if m.is_moe:
+        _check(m.n_routed_experts > 0 and m.num_experts_per_tok > 0,
+               f"model.num_experts_per_tok={m.num_experts_per_tok}: must be positive")
+        _check(m.num_experts_per_tok <= m.n_routed_experts,
+               f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds model.n_routed_experts={m.n_routed_experts}")
+        _check(m.n_group >= 1 and m.n_routed_experts % m.n_group == 0,
+               f"model.n_group={m.n_group} must divide model.n_routed_experts={m.n_routed_experts}")
+        _check(1 <= m.topk_group <= m.n_group,
+               f"model.topk_group={m.topk_group} must be between 1 and model.n_group={m.n_group}")
+        per_group = m.n_routed_experts // m.n_group
+        _check(m.num_experts_per_tok <= m.topk_group * per_group,
+               f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds the experts in model.topk_group="
+               f"{m.topk_group} groups ({m.topk_group * per_group})")
+        if m.scoring_func == "sigmoid" and m.n_group > 1:
+            _check(per_group >= 2, f"model.n_group={m.n_group}: sigmoid group scores sum the top-2 experts of a "
+                                   f"group, so each group needs >= 2 experts")
+        _check(m.scoring_func in ("softmax", "sigmoid"), f"model.scoring_func={m.scoring_func!r}: use softmax or sigmoid")
+        _check(m.moe_intermediate_size > 0, f"model.moe_intermediate_size={m.moe_intermediate_size}: must be positive")
+        _check(0 <= m.first_k_dense_replace <= m.num_hidden_layers,
+               f"model.first_k_dense_replace={m.first_k_dense_replace} must be in [0, num_hidden_layers="
+               f"{m.num_hidden_layers}]")
+    _check(m.num_nextn_predict_layers >= 0,
+           f"model.num_nextn_predict_layers={m.num_nextn_predict_layers}: must be >= 0")
+
+
+def _check_step_value(key: str, spec: StepValue) -> None:
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return
+    ok = isinstance(spec, list) and len(spec) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p) for p in spec)
+    _check(ok, f"{key}={spec!r}: expected a number or a list of [tokens, value] pairs")
+
+
+def validate(cfg: Config) -> None:
+    """Validate everything that does not depend on the world size (parallel.topology checks that)."""
+    validate_model(cfg.model)
+    t, p, o, s = cfg.train, cfg.parallel, cfg.optim, cfg.schedule
+    for k in ("tp", "pp", "ep"):
+        _check(getattr(p, k) >= 1, f"parallel.{k}={getattr(p, k)}: must be >= 1")
+    _check(p.zero_stage in (0, 1, 2), f"parallel.zero_stage={p.zero_stage}: use 0, 1 or 2")
+    _check(t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32")
+    _check(t.activation_checkpointing in ("none", "full", "selective"),
+           f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, full or selective")
+    _check(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+           f"{t.micro_batch_size}")
+    _check(t.total_tokens is not None or t.steps is not None,
+           "train.total_tokens and train.steps are both null: set one to fix the run's length")
+    _check(t.total_tokens is None or t.total_tokens > 0, f"train.total_tokens={t.total_tokens}: must be positive")
+    _check(t.steps is None or t.steps > 0, f"train.steps={t.steps}: must be positive")
+    _check(t.save_interval >= 1, f"train.save_interval={t.save_interval}: must be >= 1")
+    _check(t.log_interval >= 1, f"train.log_interval={t.log_interval}: must be >= 1")
+    _check(t.keep_last >= 1, f"train.keep_last={t.keep_last}: must be >= 1")
+    _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two numbers in [0, 1)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
+    _check(s.name in ("multi_step", "cosine", "wsd"), f"schedule.name={s.name!r}: use multi_step, cosine or wsd")
+    _check(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps}: must be >= 0")
+    _check(len(s.decay_points) == len(s.decay_factors),
+           f"schedule.decay_points has {len(s.decay_points)} entries but schedule.decay_factors has "
+           f"{len(s.decay_factors)}; give one factor per point")
+    _check(list(s.decay_points) == sorted(s.decay_points) and all(0 < x <= 1 for x in s.decay_points),
+           f"schedule.decay_points={s.decay_points}: increasing fractions in (0, 1]")
+    _check(0 < s.wsd_decay_fraction <= 1, f"schedule.wsd_decay_fraction={s.wsd_decay_fraction}: must be in (0, 1]")
+    _check(cfg.data.seq_length >= 2, f"data.seq_length={cfg.data.seq_length}: must be >= 2")
+    _check(cfg.data.weights is None or len(cfg.data.weights) == len(cfg.data.paths),
+           f"data.weights has {len(cfg.data.weights or [])} entries for {len(cfg.data.paths)} data.paths; "
+           f"give one weight per path")
+    _check_step_value("moe.bias_update_speed", cfg.moe.bias_update_speed)
+    _check_step_value("mtp.loss_weight", cfg.mtp.loss_weight)
+    if p.pipeline_layout is not None:
+        _check(len(p.pipeline_layout) == p.pp and sum(p.pipeline_layout) == cfg.model.num_hidden_layers,
+               f"parallel.pipeline_layout={p.pipeline_layout}: needs parallel.pp={p.pp} entries summing to "
+               f"model.num_hidden_layers={cfg.model.num_hidden_layers}")

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="deepseek-pretrain",
+    version="0.1.0",
+    description="DeepSpeed pretraining framework for DeepSeek-family models (dense, MLA + DeepSeekMoE, V3-style MTP)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*", "parallel", "parallel.*", "data_pipeline", "data_pipeline.*"]),
+    package_data={"pretrain": ["presets/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=5.0", "safetensors>=0.4"],
+        "parquet": ["pyarrow"],
+        "zstd": ["zstandard"],
+    },
+)
