@@ -1,0 +1,174 @@
+"""Training metrics: TensorBoard scalars, throughput and MFU, MoE expert-load heatmaps, one console line per log.
+
+Only rank 0 logs: construct ``MetricsLogger(..., enabled=(rank == 0))`` on every rank and the others write nothing.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s:
+``tokens_per_sec * flops_per_token / (peak_flops * num_devices)``, where ``flops_per_token`` is the training
+(forward + backward) count from ``pretrain.info`` and ``peak_flops`` is one device's peak. Defaults for the peak
+(``train.peak_flops`` overrides them):
+
+- GPU: ``989e12`` — NVIDIA H100/H200 SXM dense BF16 tensor-core peak (no sparsity).
+- CPU: measured here with :func:`measure_gemm_flops` (a float32 GEMM), so CPU MFU is relative to what this
+  machine's BLAS actually reaches, not a datasheet.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GPU_PEAK_FLOPS_BF16 = 989e12
+"""H100/H200 SXM dense BF16 peak FLOP/s (the default MFU denominator on GPU)."""
+
+
+def measure_gemm_flops(dtype: torch.dtype = torch.float32, size: int = 512, min_time_s: float = 0.2,
+                       device: str | torch.device = "cpu") -> float:
+    """Measured FLOP/s of a ``size x size`` square matmul (2 * size**3 FLOPs each), timed for ~``min_time_s``."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.matmul(a, b)  # warm-up: BLAS thread pool, caches
+    sync()
+    iters, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        iters += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time_s:
+            return 2.0 * size ** 3 * iters / elapsed
+
+
+def default_peak_flops() -> float:
+    """989e12 on a CUDA device, else the measured float32 GEMM rate of this CPU."""
+    if torch.cuda.is_available():
+        return GPU_PEAK_FLOPS_BF16
+    return measure_gemm_flops()
+
+
+def load_max_violation(load_LE: torch.Tensor) -> float:
+    """Mean over MoE layers of (max expert load / mean expert load - 1); layers that routed nothing count 0.
+
+    load_LE: (L, E) tokens routed to each expert of each MoE layer.
+    """
+    load = load_LE.detach().double().cpu()
+    if load.ndim != 2 or load.shape[0] == 0:
+        raise ValueError(f"expert load: expected a (num_moe_layers, num_experts) tensor, got shape {tuple(load.shape)}")
+    mean = load.mean(dim=1)
+    violation = torch.where(mean > 0, load.max(dim=1).values / mean.clamp_min(1e-30) - 1.0, torch.zeros_like(mean))
+    return float(violation.mean())
+
+
+def expert_load_heatmap(load_LE: torch.Tensor, cell_px: int = 8) -> np.ndarray:
+    """An RGB image (H, W, 3) uint8 of the load relative to each layer's mean: one ``cell_px`` square per
+    (layer, expert), rows = layers. White = mean load, blue = idle, red = 2x the mean or more."""
+    load = load_LE.detach().double().cpu().numpy()
+    mean = load.mean(axis=1, keepdims=True)
+    rel = np.divide(load, mean, out=np.ones_like(load), where=mean > 0)  # (L, E), 1 = balanced
+    t = np.clip(rel - 1.0, -1.0, 1.0)  # -1 idle .. +1 overloaded (2x mean)
+    under, over = np.clip(-t, 0, 1), np.clip(t, 0, 1)
+    # diverging blue-white-red: fade the other channels toward the saturated colour
+    rgb = np.stack([1.0 - under, 1.0 - under - over, 1.0 - over], axis=-1).clip(0, 1)
+    img = (rgb * 255).round().astype(np.uint8)
+    return img.repeat(cell_px, axis=0).repeat(cell_px, axis=1)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """TensorBoard + console metrics for the training loop (rank 0 only; disabled ranks write nothing).
+
+    Args:
+        output_dir: run directory; event files go to ``output_dir/tensorboard/``.
+        enabled: False on every rank but 0.
+        flops_per_token: training FLOPs per token (forward + backward), from ``pretrain.info``.
+        peak_flops: one device's peak FLOP/s; None = :func:`default_peak_flops`.
+        total_steps: run length in steps, for the ETA (None = no ETA).
+        num_devices: devices that processed ``tokens_in_step`` (the MFU denominator is peak x devices).
+        initial_tokens: tokens already seen (resume), the start of the cumulative ``train/tokens``.
+        log_interval: write and print every N steps; tokens/s is averaged over the interval.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool, flops_per_token: float, peak_flops: float | None,
+                 total_steps: int | None = None, num_devices: int = 1, initial_tokens: int = 0,
+                 log_interval: int = 1, print_fn=print):
+        self.enabled = enabled
+        self.flops_per_token = float(flops_per_token)
+        self.total_steps = total_steps
+        self.num_devices = num_devices
+        self.log_interval = max(1, int(log_interval))
+        self.tokens = int(initial_tokens)
+        self.print_fn = print_fn
+        self._pending_tokens, self._pending_time = 0, 0.0
+        self._recent_step_times: deque[float] = deque(maxlen=50)
+        self.writer = None
+        self.peak_flops = None
+        if enabled:
+            # Imported lazily: non-zero ranks never pay for tensorboard's import.
+            from torch.utils.tensorboard import SummaryWriter
+            self.peak_flops = float(peak_flops) if peak_flops else default_peak_flops()
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), flush_secs=10)
+
+    def log_step(self, step: int, scalars: dict[str, float], tokens_in_step: int, step_time_s: float) -> dict | None:
+        """Record one optimizer step. ``scalars`` are full tags (``train/loss``, ``train/lr``, ...);
+        ``tokens_in_step`` counts all data-parallel ranks. Returns the logged values on a log step, else None."""
+        self.tokens += int(tokens_in_step)
+        self._pending_tokens += int(tokens_in_step)
+        self._pending_time += float(step_time_s)
+        self._recent_step_times.append(float(step_time_s))
+        if not self.enabled or step % self.log_interval != 0:
+            return None
+        tokens_per_sec = self._pending_tokens / self._pending_time if self._pending_time > 0 else 0.0
+        self._pending_tokens, self._pending_time = 0, 0.0
+        mfu = tokens_per_sec * self.flops_per_token / (self.peak_flops * self.num_devices)
+        values = {k: float(v) for k, v in scalars.items()}
+        values.update({"train/tokens": float(self.tokens), "train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu})
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        self.print_fn(self._console_line(step, values))
+        return values
+
+    def _console_line(self, step: int, v: dict[str, float]) -> str:
+        parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
+        for tag, label, fmt in (("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.3e}"),
+                                ("train/grad_norm", "grad_norm", "{:.3f}")):
+            if tag in v:
+                parts.append(f"{label} " + fmt.format(v[tag]))
+        parts.append(f"tokens/s {v['train/tokens_per_sec']:,.0f}")
+        parts.append(f"MFU {100 * v['train/mfu']:.2f}%")
+        if self.total_steps and self._recent_step_times:
+            per_step = sum(self._recent_step_times) / len(self._recent_step_times)
+            parts.append(f"ETA {_fmt_duration(per_step * max(0, self.total_steps - step))}")
+        return " | ".join(parts)
+
+    def log_expert_load(self, step: int, load_LE: torch.Tensor) -> float:
+        """Write ``moe/load_max_violation`` and the (layer x expert) heatmap image ``moe/expert_load``.
+
+        load_LE: (num_moe_layers, n_routed_experts) tokens per expert (summed over data-parallel ranks).
+        Returns the violation (computed on every rank, so callers may use it anywhere)."""
+        violation = load_max_violation(load_LE)
+        if self.enabled:
+            self.writer.add_scalar("moe/load_max_violation", violation, step)
+            self.writer.add_image("moe/expert_load", expert_load_heatmap(load_LE), step, dataformats="HWC")
+            self.writer.flush()
+        return violation
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        """Any other scalar (eval loss, ...)."""
+        if self.enabled:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
