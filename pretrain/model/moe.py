@@ -1,0 +1,158 @@
+"""DeepSeekMoE: router (softmax / sigmoid, group-limited top-k, aux-loss-free bias), grouped experts, balance terms.
+
+An MoE layer is four steps: route (``gate``), dispatch (sort token copies by expert), compute (``experts``),
+combine (weighted scatter-add back to tokens). ``mlp.experts(x, topk_idx, topk_weight)`` is the whole
+dispatch-compute-combine; ``parallel.expert`` replaces it with an all-to-all version that calls
+``GroupedExperts.compute`` on the tokens for its local experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Top-k router. ``weight (E, H)``; buffer ``e_score_correction_bias (E,)`` steers selection only."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, H) -> topk_idx (N, K) long, topk_weight (N, K) fp32, scores (N, E) fp32 (unbiased)."""
+        logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as DeepSeek does
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            topk_idx = self._select(scores.detach() + self.e_score_correction_bias)
+        topk_weight = scores.gather(1, topk_idx)  # gating weights from the unbiased scores
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight * self.routed_scaling_factor, scores
+
+    def _select(self, choice: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-k on biased scores ``choice (N, E)``.
+
+        Group score: sum of the top-2 scores in the group for sigmoid (V3), the max for softmax (V2's
+        group_limited_greedy). Experts outside the best ``topk_group`` groups are masked out.
+        """
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.scoring_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_proj (E, I, H), up_proj (E, I, H), down_proj (E, H, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (N, H), topk_idx (N, K), topk_weight (N, K) -> (N, H): sum_k weight_k * expert_{idx_k}(x)."""
+        flat_idx = topk_idx.flatten()  # (N*K,)
+        order = flat_idx.argsort(stable=True)  # token copies sorted by expert
+        token_of = order // topk_idx.shape[1]
+        counts = torch.bincount(flat_idx, minlength=self.num_experts)  # (E,)
+        y = self.compute(x[token_of], counts)  # (N*K, H)
+        y = y * topk_weight.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+    def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run the experts on tokens sorted by expert. x_sorted (M, H), counts (E,) summing to M -> (M, H).
+
+        One ``torch._grouped_mm`` per projection (a single kernel over ragged groups) where available; otherwise a
+        loop over the contiguous per-expert slices (never a mask over all tokens per expert).
+        """
+        if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(x_sorted, self.gate_proj.transpose(-2, -1), offs=offs)
+            up = torch._grouped_mm(x_sorted, self.up_proj.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        outs = []
+        for e, xs in enumerate(x_sorted.split(counts.tolist())):
+            h = F.silu(F.linear(xs, self.gate_proj[e])) * F.linear(xs, self.up_proj[e])
+            outs.append(F.linear(h, self.down_proj[e]))
+        return torch.cat(outs)
+
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V3 sequence-wise and V2 expert-level balance losses (unweighted), from one layer's routing.
+
+    scores (N, E) unbiased router scores with N = batch * T, topk_idx (N, K). With s' the scores normalised to
+    sum 1 per token, f_i = E / (K * T) * (tokens choosing i), P_i = mean_t s'_i; loss = sum_i f_i * P_i,
+    per sequence and averaged over sequences (V3), or over the whole micro-batch (V2).
+    """
+    N, E = scores.shape
+    K = topk_idx.shape[1]
+    probs = scores / scores.sum(dim=-1, keepdim=True)  # identity for softmax, normalises sigmoid scores
+    T = N // batch
+    with torch.no_grad():
+        idx_BTK = topk_idx.view(batch, T * K)
+        counts = scores.new_zeros(batch, E).scatter_add_(1, idx_BTK, torch.ones_like(idx_BTK, dtype=scores.dtype))
+    f_seq = counts * (E / (K * T))  # (B, E)
+    seq_aux = (f_seq * probs.view(batch, T, E).mean(dim=1)).sum(dim=-1).mean()
+    f_all = counts.sum(dim=0) * (E / (K * N))
+    expert_aux = (f_all * probs.mean(dim=0)).sum()
+    return seq_aux, expert_aux
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts. Returns the output and this layer's balancing stats."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """x (B, T, H) -> y (B, T, H), (expert_load (E,), seq_aux (), expert_aux ())."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        topk_idx, topk_weight, scores = self.gate(flat)
+        y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        seq_aux, expert_aux = balance_losses(scores, topk_idx, B)
+        load = torch.bincount(topk_idx.flatten(), minlength=self.gate.num_experts).float()
+        return y, (load, seq_aux, expert_aux)
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, expert_load: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): bias += gamma for under-loaded, -= gamma for over-loaded experts.
+
+    expert_load (L, E): tokens per expert for each MoE layer, in ``model.modules()`` order (main layers, then
+    MTP blocks), summed over data-parallel ranks by the caller. Experts exactly at the mean load are unchanged.
+    Only sigmoid routers carry a bias (softmax models export to DeepseekV2, which has none), so others are skipped.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    if expert_load.shape[0] != len(routers):
+        raise ValueError(f"expert_load has {expert_load.shape[0]} rows but the model has {len(routers)} MoE layers")
+    for router, load in zip(routers, expert_load):
+        if router.scoring_func != "sigmoid":
+            continue
+        load = load.to(router.e_score_correction_bias.device, torch.float32)
+        router.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

@@ -1,0 +1,177 @@
+"""The DeepSeek transformer: pre-norm blocks, ``first_k_dense_replace`` dense layers, MoE layers, MTP modules.
+
+Module names follow transformers' DeepseekV3 (``embed_tokens``, ``layers[i].{input_layernorm, self_attn,
+post_attention_layernorm, mlp}``, ``norm``, ``lm_head``) so export is mostly a copy; MTP modules live in
+``mtp[k].{enorm, hnorm, eh_proj, block, norm}`` and share ``embed_tokens`` and ``lm_head``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.model.attention import build_attention
+from pretrain.model.layers import MLP, RMSNorm, RotaryEmbedding
+from pretrain.model.moe import MoE, GroupedExperts, Router
+
+
+@dataclass
+class ModelOutput:
+    """Training outputs (labels given). The loop forms loss = lm_loss + lambda * mean(mtp_losses) + alpha * seq_aux."""
+
+    lm_loss: torch.Tensor
+    """Scalar: mean cross-entropy of the main head over non-ignored labels."""
+    mtp_losses: list = field(default_factory=list)
+    """D scalars: depth k predicts the labels shifted left by k (its last k positions ignored)."""
+    seq_aux_loss: torch.Tensor | None = None
+    """Scalar: sum over MoE layers of the V3 sequence-wise balance loss (unweighted)."""
+    expert_aux_loss: torch.Tensor | None = None
+    """Scalar: sum over MoE layers of the V2 expert-level balance loss (unweighted)."""
+    expert_load: torch.Tensor | None = None
+    """(num_moe_layers, n_routed_experts) float: tokens routed to each expert (main layers first, then MTP)."""
+    logits: torch.Tensor | None = None
+    """(B, T, V) main-head logits."""
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), labels (B, T) with -100 = ignore -> scalar mean over the non-ignored positions (fp32)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + attn(norm(h)), then h + mlp(norm(h)) with a dense or MoE FFN."""
+
+    def __init__(self, cfg, use_moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if use_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h (B, T, H) -> (h (B, T, H), MoE stats tuple or None for a dense FFN)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        out = self.mlp(self.post_attention_layernorm(h))
+        stats = None
+        if isinstance(out, tuple):
+            out, stats = out
+        return h + out, stats
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (DeepSeek-V3): h_k = block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})])).
+
+    The concatenation order (embedding first) follows DeepSeek's released inference code.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, use_moe=cfg.is_moe)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h_prev, emb (B, T, H) -> (h (B, T, H) before the output norm, MoE stats or None)."""
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)), cos, sin)
+
+
+class DeepSeekModel(nn.Module):
+    """Decoder-only LM. ``model(input_ids)`` -> logits; ``model(input_ids, labels=labels)`` -> ModelOutput."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(cfg, use_moe=cfg.is_moe and i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
+        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.loss_fn = cross_entropy_loss
+        self.activation_checkpointing = "none"
+        self.init_weights()
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, initializer_range) for linear, embedding, router and expert weights; ones for norms; zero bias."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, GroupedExperts):
+                for p in (m.gate_proj, m.up_proj, m.down_proj):
+                    nn.init.normal_(p, 0.0, std)
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+            if isinstance(m, RMSNorm):
+                m.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """none | full (recompute each block in backward) | selective (recompute only the attention core)."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation checkpointing {mode!r}: use none, full or selective")
+        self.activation_checkpointing = mode
+        for m in self.modules():
+            if hasattr(m, "recompute_core"):
+                m.recompute_core = mode == "selective"
+
+    def _run(self, module: nn.Module, *args):
+        if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """input_ids (B, T), labels (B, T) or None, position_ids (B, T) or None (= 0..T-1).
+
+        Returns logits (B, T, V) when labels is None (MTP never runs), else a ModelOutput.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        stats = []
+        for layer in self.layers:
+            h, s = self._run(layer, h, cos, sin)
+            stats.append(s)
+        logits = self.lm_head(self.norm(h))
+        if labels is None:
+            return logits
+        out = ModelOutput(lm_loss=self.loss_fn(logits, labels), logits=logits)
+        for k, module in enumerate(self.mtp, start=1):
+            # Depth k sees the embedding of token i+k and predicts token i+k+1 = labels[i+k]. Rolling wraps the
+            # last k positions; causal attention keeps them from the others and their labels are ignored.
+            emb = self.embed_tokens(torch.roll(input_ids, -k, dims=1))
+            h, s = self._run(module, h, emb, cos, sin)
+            stats.append(s)
+            labels_k = torch.roll(labels, -k, dims=1)
+            labels_k[:, T - k:] = -100
+            out.mtp_losses.append(self.loss_fn(self.lm_head(module.norm(h)), labels_k))
+        self._collect_moe_stats(out, [s for s in stats if s is not None], h)
+        return out
+
+    def _collect_moe_stats(self, out: ModelOutput, stats: list, h: torch.Tensor) -> None:
+        if not stats:
+            zero = h.new_zeros((), dtype=torch.float32)
+            out.seq_aux_loss, out.expert_aux_loss = zero, zero
+            out.expert_load = h.new_zeros(0, self.config.n_routed_experts, dtype=torch.float32)
+            return
+        loads, seq_aux, expert_aux = zip(*stats)
+        out.expert_load = torch.stack(loads)
+        out.seq_aux_loss = torch.stack(seq_aux).sum()
+        out.expert_aux_loss = torch.stack(expert_aux).sum()
+
+
+def build_model(cfg) -> DeepSeekModel:
+    """Build the model for a ``ModelConfig`` (plain nn.Module, fp32, on the current default device)."""
+    return DeepSeekModel(cfg)
