@@ -192,6 +192,8 @@ class TrainConfig:
     """bf16 or fp32."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU (null = measured GEMM rate on CPU, 989e12 on GPU)."""
+    preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank checkpoint at the next step boundary and exit 0 (pretrain.preemption)."""
     batch_size_rampup: list | None = None
     """Optional [[tokens, global_batch_size], ...]: the batch size in force from each token count on."""
 
