@@ -1,0 +1,31 @@
+"""Parallelism applied from outside to the finished plain model (house rule 1).
+
+    from parallel import Topology, initialize_parallel, parallelize_model
+    topo = Topology.from_config(cfg, world_size)   # validates the layout before any process group exists
+    initialize_parallel(topo)                       # after torch.distributed init: megatron-core groups
+    model = parallelize_model(model, topo, cfg)     # tensor parallel, then expert parallel
+    deepspeed.initialize(model=model, mpu=topo.deepspeed_mpu(), ...)
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from parallel.topology import DeepSpeedMPU, Topology, initialize_parallel
+
+
+def parallelize_model(model: nn.Module, topo: Topology, cfg=None) -> nn.Module:
+    """Apply tensor parallelism (tp > 1), then expert parallelism (ep > 1) to a built single-process model.
+
+    The model must hold the full weights (the same on every rank: build it with the same seed); each rank
+    keeps its slices. Identity when tp = ep = 1. Pipeline cutting is separate (``parallel.pipeline``).
+    """
+    if topo.tp > 1:
+        from parallel.tensor import apply_tensor_parallel
+        model = apply_tensor_parallel(model, topo)
+    if topo.ep > 1:
+        from parallel.expert import apply_expert_parallel
+        model = apply_expert_parallel(model, topo, capacity_factor=cfg.parallel.capacity_factor if cfg else None)
+    return model
+
+
+__all__ = ["DeepSpeedMPU", "Topology", "initialize_parallel", "parallelize_model"]
