@@ -1,0 +1,134 @@
+"""HuggingFace export/import: logits parity with transformers (fp32) and exact round trips."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig, validate_model
+from pretrain.export import from_hf, hf_family, main, to_hf
+from pretrain.model import build_model
+
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+
+MLA = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+           max_position_embeddings=128, attention="mla", kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+           v_head_dim=12, moe_intermediate_size=32, initializer_range=0.08)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.8}
+
+CONFIGS = {
+    # V3: group-limited routing (topk_group < n_group), query compression, MTP (must not be exported)
+    "v3_groups_mtp": dict(MLA, q_lora_rank=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                          first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, scoring_func="sigmoid", num_nextn_predict_layers=1),
+    # V3: no query compression, YaRN (mscale != mscale_all_dim: both cos/sin and softmax scale change), 2 dense
+    "v3_yarn_dense2": dict(MLA, q_lora_rank=None, rope_scaling=YARN, n_routed_experts=8, n_shared_experts=2,
+                           num_experts_per_tok=2, first_k_dense_replace=2, n_group=2, topk_group=1,
+                           routed_scaling_factor=1.5, norm_topk_prob=False, scoring_func="sigmoid"),
+    # V2: softmax router with group_limited_greedy, no query compression, YaRN
+    "v2_softmax_groups": dict(MLA, q_lora_rank=None, rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+                              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                              n_group=4, topk_group=2, routed_scaling_factor=2.0, scoring_func="softmax"),
+    "v2_lite_greedy": dict(MLA, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                           first_k_dense_replace=1, scoring_func="softmax"),
+    "llama_gqa": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, attention="gqa", rope_theta=500.0),
+    "llama_mha_yarn": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, attention="mha", max_position_embeddings=128,
+                           rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+def make_model(name: str, seed: int = 0):
+    cfg = ModelConfig(**CONFIGS[name])
+    validate_model(cfg)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # make norms and the correction bias non-trivial so they are really checked
+        for pname, p in model.named_parameters():
+            if pname.endswith("layernorm.weight") or pname.endswith("norm.weight"):
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+        for mname, buf in model.named_buffers():
+            if mname.endswith("e_score_correction_bias") and cfg.scoring_func == "sigmoid":
+                buf.copy_(0.3 * torch.randn_like(buf))
+    return model, cfg
+
+
+def hf_logits(path, ids):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf, hf(ids).logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_parity_with_transformers(name, tmp_path):
+    model, cfg = make_model(name)
+    to_hf(model, cfg, tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    hf, theirs = hf_logits(tmp_path, ids)
+    expected_class = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                      "llama": "LlamaForCausalLM"}[hf_family(cfg)]
+    assert type(hf).__name__ == expected_class
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    # the checkpoint really carries what makes the logits differ: the correction bias (V3)
+    if cfg.scoring_func == "sigmoid" and cfg.is_moe:
+        bias = hf.model.layers[cfg.first_k_dense_replace].mlp.gate.e_score_correction_bias
+        assert bias.abs().sum() > 0
+
+
+def test_mtp_not_exported_and_sharded_index(tmp_path):
+    model, cfg = make_model("v3_groups_mtp")
+    assert len(model.mtp) == 1
+    to_hf(model, cfg, tmp_path, max_shard_size=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    keys = []
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), "pt") as f:
+            keys += list(f.keys())
+    assert sorted(keys) == sorted(index["weight_map"])
+    assert not [k for k in keys if "mtp" in k or "eh_proj" in k or "enorm" in k or ".layers.3." in k]
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+@pytest.mark.parametrize("name", ["v3_groups_mtp", "v2_softmax_groups", "llama_gqa"])
+def test_from_hf_round_trip_is_exact(name, tmp_path):
+    model, cfg = make_model(name)
+    to_hf(model, cfg, tmp_path)
+    loaded, loaded_cfg = from_hf(tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded.eval()(ids))
+    for key in ("attention", "n_group", "topk_group", "scoring_func", "q_lora_rank", "rope_scaling", "kv_heads"):
+        assert getattr(loaded_cfg, key) == getattr(cfg, key), key
+
+
+def test_from_hf_reads_transformers_fused_expert_layout(tmp_path):
+    """A folder written by transformers' own save_pretrained (fused gate_up_proj or not) loads back exactly."""
+    model, cfg = make_model("v3_yarn_dense2")
+    to_hf(model, cfg, tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "theirs")
+    loaded, _ = from_hf(tmp_path / "theirs")
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded.eval()(ids))
+
+
+def test_export_errors_are_one_line():
+    with pytest.raises(ValueError, match="model.n_routed_experts=4"):
+        hf_family(ModelConfig(attention="gqa", num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        hf_family(ModelConfig(**dict(CONFIGS["v2_lite_greedy"], norm_topk_prob=True)))
+
+
+def test_cli_reports_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pretrain.export: error:") and "\n" not in err
