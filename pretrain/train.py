@@ -1,0 +1,317 @@
+"""The pretraining loop on DeepSpeed: ``python -m pretrain.train --config PRESET_OR_YAML [section.key=value ...]``.
+
+Runs under plain ``python`` (one process: a 1-process group is created here), ``torchrun -m`` and
+``deepspeed --module``; gloo on CPU, NCCL on GPU. Data-parallel here; tensor/expert parallelism enters through
+``parallel.parallelize_model`` and DeepSpeed's ``mpu`` (the seams are in place).
+
+One optimizer step (``train_step``):
+    loss = lm_loss + lambda * mean(mtp_losses) + seq_aux_alpha * seq_aux_loss + aux_loss_alpha * expert_aux_loss
+on each of this rank's micro-batches (DeepSpeed accumulates and averages the gradients over micro-batches and
+data-parallel ranks), then the expert-load counts are summed over micro-batches and data-parallel ranks and every
+replica moves its routers' bias by the same amount, so the bias stays identical everywhere.
+
+Seeds: the model is built after ``torch.manual_seed(train.seed)`` on every rank (identical initial weights);
+afterwards rank r seeds python, numpy and torch with ``train.seed + r``. Checkpoints store every rank's RNG state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import TrainState, resume, save_checkpoint, write_run_files
+from pretrain.config import Config, ConfigError, load_config
+from pretrain.engine import build_engine, init_distributed, launcher_env, set_lr
+from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps, validate_schedule
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: Config
+    topo: object
+    engine: object
+    device: torch.device
+    stream: object
+    eval_dataset: object
+    metrics: object
+    preempt: object
+    state: TrainState
+    total_steps: int
+    last_step: int
+    schedule_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """Per-step values averaged over micro-batches and data-parallel ranks (identical on every rank)."""
+
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    seq_aux_loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    step_time_s: float
+    expert_load: torch.Tensor  # (num_moe_layers, n_routed_experts), summed over micro-batches and ranks
+    eval_loss: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def check_data_paths(paths: list, key: str) -> None:
+    """One line naming the missing shard prefix or directory (before any process group exists)."""
+    for p in paths:
+        if not (Path(p).is_dir() or Path(f"{p}.idx").is_file()):
+            raise ConfigError(f"{key}: {p} is neither a shard directory nor a prefix with {p}.idx; build shards "
+                              f"with `python -m data_pipeline.build` or fix the path")
+
+
+def resolve_tokenizer(cfg: Config) -> str | None:
+    """``data.tokenizer``, else the tokenizer named in the first shard directory's manifest.json."""
+    if cfg.data.tokenizer:
+        if not Path(cfg.data.tokenizer).is_file():
+            raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
+        return cfg.data.tokenizer
+    first = Path(cfg.data.paths[0])
+    manifest = (first if first.is_dir() else first.parent) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    entry = json.loads(manifest.read_text()).get("tokenizer")
+    path = entry.get("path") if isinstance(entry, dict) else entry
+    return path if path and Path(path).is_file() else None
+
+
+def build_data(cfg: Config, topo, state: TrainState):
+    """(training SampleStream positioned at the resume point, eval dataset or None)."""
+    from data_pipeline.dataset import SampleStream, build_dataset
+
+    d, t = cfg.data, cfg.train
+    train_ds = build_dataset(d.paths, d.weights, d.seq_length, t.seed, total_samples(cfg))
+    stream = SampleStream(train_ds, topo.dp_rank, topo.dp_size, t.micro_batch_size,
+                          consumed_samples=state.consumed_samples)
+    eval_ds = None
+    if d.eval_paths and t.eval_interval > 0:
+        eval_ds = build_dataset(d.eval_paths, None, d.seq_length, t.seed, t.eval_iters * t.micro_batch_size * topo.dp_size)
+    return stream, eval_ds
+
+
+def build_model_for(cfg: Config, topo):
+    """The model with identical initial weights on every rank, parallelized for ``topo``."""
+    from parallel import parallelize_model
+    from pretrain.model import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    return parallelize_model(model, topo, cfg)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def setup(cfg: Config) -> Run:
+    """Validate, start the process group, build model/engine/data/metrics, resume if a checkpoint exists."""
+    from parallel import Topology, initialize_parallel
+    from pretrain.info import flops_per_token
+    from pretrain.metrics import MetricsLogger
+    from pretrain.preemption import PreemptionHandler
+
+    rank, local_rank, world_size = launcher_env()
+    # Everything a user can get wrong is checked before any process group work.
+    topo = Topology.from_config(cfg, world_size, rank)
+    validate_schedule(cfg, topo.dp_size)
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: give shard directories or prefixes built by data_pipeline.build")
+    check_data_paths(cfg.data.paths, "data.paths")
+    check_data_paths(cfg.data.eval_paths, "data.eval_paths")
+    tokenizer = resolve_tokenizer(cfg)
+
+    device = init_distributed(local_rank)
+    initialize_parallel(topo)
+    engine = build_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
+    state = resume(engine, cfg)
+    if state.step == 0:  # on resume the checkpoint restored every rank's RNG state instead
+        seed_rank(cfg.train.seed, rank)
+    run_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        write_run_files(cfg, run_dir, tokenizer)
+        truncate_metrics_log(run_dir, state.step)
+    if global_batch_at(state.tokens_seen, cfg) != engine.train_batch_size():
+        engine.set_train_batch_size(global_batch_at(state.tokens_seen, cfg))
+    stream, eval_ds = build_data(cfg, topo, state)
+    steps = total_steps(cfg)
+    metrics = MetricsLogger(run_dir, enabled=rank == 0, peak_flops=cfg.train.peak_flops,
+                            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, include_mtp=True),
+                            total_steps=steps, num_devices=world_size, initial_tokens=state.tokens_seen,
+                            log_interval=cfg.train.log_interval)
+    preempt = PreemptionHandler(cfg.train.preemption_signals).install()
+    last = min(steps, cfg.train.exit_at_step) if cfg.train.exit_at_step else steps
+    return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last)
+
+
+# ------------------------------------------------------------------------------------------------- step
+
+def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step over this rank's share of the global batch; updates ``run.state``."""
+    from pretrain.model import update_expert_bias
+
+    cfg, engine, st = run.cfg, run.engine, run.state
+    global_batch = global_batch_at(st.tokens_seen, cfg)
+    if global_batch != engine.train_batch_size():  # batch-size ramp-up: DeepSpeed changes the accumulation steps
+        engine.set_train_batch_size(global_batch)
+    lr = lr_at(step, st.tokens_seen, cfg)
+    mtp_weight, gamma = loss_weights_at(st.tokens_seen, cfg)
+    set_lr(engine, lr)
+    start = time.perf_counter()
+    sums = torch.zeros(4, device=run.device)  # loss, lm_loss, mtp_loss, seq_aux_loss summed over micro-batches
+    load = None
+    micro_batches = run.stream.next_batch(global_batch)
+    for tokens in micro_batches:
+        tokens = tokens.to(run.device)  # (mb, seq + 1)
+        out = engine(tokens[:, :-1], labels=tokens[:, 1:])
+        mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else torch.zeros_like(out.lm_loss)
+        loss = (out.lm_loss + mtp_weight * mtp + cfg.moe.seq_aux_alpha * out.seq_aux_loss
+                + cfg.moe.aux_loss_alpha * out.expert_aux_loss)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        sums += torch.stack([loss, out.lm_loss, mtp, out.seq_aux_loss]).detach().float()
+        load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
+    # Loss for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
+    # replica applies the same bias update.
+    dp_group = run.topo.dp_group if dist.is_initialized() else None
+    sums = _all_reduce_sum(sums, dp_group) / (len(micro_batches) * run.topo.dp_size)
+    load = _all_reduce_sum(load, dp_group)
+    if load.numel():
+        update_expert_bias(engine.module, load, gamma)
+    st.step, st.consumed_samples = step, run.stream.consumed_samples
+    st.tokens_seen += global_batch * cfg.data.seq_length
+    run.schedule_state = {"lr": lr, "mtp_weight": mtp_weight, "bias_update_speed": gamma,
+                          "global_batch_size": global_batch}
+    grad_norm = engine.get_global_grad_norm()
+    loss, lm_loss, mtp_loss, seq_aux = sums.tolist()
+    return StepResult(loss, lm_loss, mtp_loss, seq_aux, lr, float("nan") if grad_norm is None else float(grad_norm),
+                      global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu())
+
+
+# ------------------------------------------------------------------------------------- eval, log, checkpoint
+
+@torch.no_grad()
+def maybe_eval(run: Run, step: int) -> float | None:
+    """Mean held-out ``lm_loss`` over ``train.eval_iters`` micro-batches per rank, every ``train.eval_interval``."""
+    from data_pipeline.dataset import SampleStream
+
+    t = run.cfg.train
+    if run.eval_dataset is None or step % t.eval_interval:
+        return None
+    model = run.engine.module
+    model.eval()
+    stream = SampleStream(run.eval_dataset, run.topo.dp_rank, run.topo.dp_size, t.micro_batch_size)
+    total = torch.zeros(1, device=run.device)
+    for tokens in stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size):
+        tokens = tokens.to(run.device)
+        total += model(tokens[:, :-1], labels=tokens[:, 1:]).lm_loss.float()
+    model.train()
+    dp_group = run.topo.dp_group if dist.is_initialized() else None
+    return (_all_reduce_sum(total, dp_group) / (t.eval_iters * run.topo.dp_size)).item()
+
+
+def maybe_log(run: Run, step: int, r: StepResult) -> None:
+    """TensorBoard + console every ``log_interval`` (MetricsLogger decides), heatmap, metrics.jsonl every step."""
+    from pretrain.metrics import load_max_violation
+
+    t, m = run.cfg.train, run.metrics
+    scalars = {"train/loss": r.loss, "train/lm_loss": r.lm_loss, "train/mtp_loss": r.mtp_loss, "train/lr": r.lr,
+               "train/grad_norm": r.grad_norm, "train/seq_aux_loss": r.seq_aux_loss,
+               "train/mtp_weight": run.schedule_state["mtp_weight"],
+               "moe/bias_update_speed": run.schedule_state["bias_update_speed"]}
+    m.log_step(step, scalars, r.tokens, r.step_time_s)
+    if r.expert_load.numel():
+        if step % t.heatmap_interval == 0 or step == 1:
+            m.log_expert_load(step, r.expert_load)
+        elif step % t.log_interval == 0:
+            m.log_scalar("moe/load_max_violation", load_max_violation(r.expert_load), step)
+    if r.eval_loss is not None:
+        m.log_scalar("eval/loss", r.eval_loss, step)
+    if dist.get_rank() == 0:
+        record = {"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss, "lr": r.lr,
+                  "grad_norm": r.grad_norm, "tokens": run.state.tokens_seen, "seq_aux_loss": r.seq_aux_loss}
+        if r.eval_loss is not None:
+            record["eval_loss"] = r.eval_loss
+        with open(Path(t.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics_log(run_dir: Path, resumed_step: int) -> None:
+    """Drop metrics.jsonl records after the resume point (steps that will be trained again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def maybe_checkpoint(run: Run, step: int, force: bool) -> None:
+    if force or step % run.cfg.train.save_interval == 0:
+        save_checkpoint(run.engine, run.cfg, run.state, run.schedule_state)
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+def train(cfg: Config) -> None:
+    run = setup(cfg)
+    if run.state.step >= run.last_step:
+        print(f"[train] {cfg.train.output_dir} is already at step {run.state.step}; nothing to do", flush=True)
+    for step in range(run.state.step + 1, run.last_step + 1):
+        result = train_step(run, step)
+        result.eval_loss = maybe_eval(run, step)
+        maybe_log(run, step, result)
+        stop = run.preempt.should_stop()  # collective: all ranks agree
+        maybe_checkpoint(run, step, force=stop or step == run.last_step)
+        if stop:
+            break
+    run.metrics.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="preset name (e.g. tiny, small-moe) or a YAML path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
