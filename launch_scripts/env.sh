@@ -1,0 +1,47 @@
+# Sourced by pretrain.sh and pretrain_multinode.sh: the environment knobs every launch passes through.
+#
+# Communication knobs (set them in your shell or sbatch file; they reach every rank):
+#   NCCL_SOCKET_IFNAME=eth0        network interface NCCL bootstraps on (multi-homed nodes: pick the fast one)
+#   GLOO_SOCKET_IFNAME=eth0        the same for gloo (CPU runs, and DeepSpeed's/torch's CPU-side groups)
+#   NCCL_IB_HCA=mlx5               InfiniBand adapters to use; NCCL_IB_DISABLE=1 forces TCP
+#   NCCL_DEBUG=INFO                NCCL prints its topology and transport choices (first thing to try on a hang)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1   a failed/timed-out collective aborts the process instead of hanging
+#   TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=600   watchdog: kill a rank stuck in a collective for this long
+#   DEEPSPEED_TIMEOUT=30           minutes a collective may wait (DeepSpeed's process-group timeout; default 10)
+#   TORCH_DISTRIBUTED_DEBUG=DETAIL extra checks on mismatched collectives (slow; debugging only)
+#   MASTER_PORT=29500              rendezvous port on the master node
+#
+# Signals: SIGUSR1 is ignored by the launcher processes started from here (the setting is inherited across
+# exec), while the training processes install their own handler (pretrain.preemption). So SIGUSR1 sent to the
+# whole process group or slurm job step (`kill -USR1 -PGID`, `scancel --signal=USR1 JOBID`) reaches only the
+# trainers: they checkpoint at the next step boundary and exit 0, and so does the launcher. SIGTERM also makes
+# the trainers checkpoint, but the launchers react to it themselves (forward it, wait ~30 s, then kill) and exit
+# non-zero.
+trap '' USR1
+
+PASSTHROUGH_VARS="NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG
+TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC DEEPSPEED_TIMEOUT TORCH_DISTRIBUTED_DEBUG
+OMP_NUM_THREADS PYTHONPATH"
+
+# GPUs on this node, else 2 processes on a CPU.
+default_nproc() {
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+    if [ "${n:-0}" -gt 0 ]; then echo "$n"; else echo 2; fi
+}
+
+# deepspeed's ssh/pdsh launch forwards only NCCL_*/PYTHON* variables to the other nodes; the rest of the knobs
+# above go through a DS_ENV_FILE (DeepSpeed's .deepspeed_env mechanism).
+write_deepspeed_env() {
+    local file
+    file=$(mktemp "${TMPDIR:-/tmp}/deepspeed_env.XXXXXX")
+    for v in $PASSTHROUGH_VARS; do
+        if [ -n "${!v:-}" ]; then echo "$v=${!v}" >>"$file"; fi
+    done
+    export DS_ENV_FILE=$file
+}
+
+run() {
+    echo "+ $*" >&2
+    exec "$@"
+}

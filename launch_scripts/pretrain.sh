@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Pretrain on one node.
+#
+#   CONFIG=small-moe launch_scripts/pretrain.sh train.steps=100 data.paths=[data/shards]
+#
+#   LAUNCHER        deepspeed (default) or torchrun
+#   NPROC_PER_NODE  processes on this node (default: the GPUs present, else 2 on a CPU)
+#   CONFIG          preset name or YAML path (default: tiny)
+#   MASTER_PORT     rendezvous port (default 29500)
+#   arguments       config overrides, section.key=value
+# Communication knobs and signal handling: see env.sh.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+LAUNCHER=${LAUNCHER:-deepspeed}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
+CONFIG=${CONFIG:-tiny}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+case "$LAUNCHER" in
+    deepspeed)
+        # --num_gpus also sets the process count on a CPU (DeepSpeed's CPU accelerator); LOCAL_RANK is in the env.
+        run deepspeed --num_gpus "$NPROC_PER_NODE" --master_port "$MASTER_PORT" --no_local_rank \
+            --module pretrain.train --config "$CONFIG" "$@" ;;
+    torchrun)
+        run torchrun --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" --master_addr 127.0.0.1 \
+            --master_port "$MASTER_PORT" -m pretrain.train --config "$CONFIG" "$@" ;;
+    *)
+        echo "LAUNCHER=$LAUNCHER: use deepspeed or torchrun" >&2; exit 2 ;;
+esac
