@@ -1,0 +1,233 @@
+"""Expert parallelism: experts sharded over the expert-parallel group, tokens moved by all-to-all.
+
+The MoE boundary is ``mlp.experts(x (N, H), topk_idx (N, K), topk_weight (N, K)) -> (N, H)``.
+``apply_expert_parallel`` replaces each ``GroupedExperts`` with ``ExpertParallelExperts``, which keeps only
+this rank's slice of the stacked weights (same parameter names, so state dicts keep their keys) and runs
+
+    dispatch (sort copies by expert, exchange counts, all-to-all)  ->  local experts  ->  combine (the reverse,
+    un-permute, weight, sum over k)
+
+All split sizes and permutations travel in a ``DispatchContext`` returned by ``dispatch``; nothing is kept on
+``self`` between calls (house rule 2).
+
+Gradients: both all-to-alls are autograd Functions whose backward is the reverse all-to-all, so an expert's
+weight gradient sums the tokens of every rank in its EP group. Expert parameters are marked the way
+DeepSpeed's MoE expects (``allreduce=False``, ``group_name='ep_size_{ep}'``) so ZeRO reduces them over the
+expert-data-parallel group only; ``_DeepSpeedMoEMarker`` makes ``deepspeed.initialize`` see MoE layers at all.
+
+With tensor parallelism the MoE input is identical on all TP ranks (TP leaves activations replicated between
+layers). Each TP rank dispatches the same tokens within its own EP group (the ranks with the same TP rank), so
+experts are replicated over TP and compute redundantly: simple and exact, at tp x the expert FLOPs. Their
+gradients are identical across TP because both their inputs and the gradient reaching the MoE output are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.model.moe import GroupedExperts
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits on dim 0; backward is the all-to-all with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (input_splits, output_splits), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back_output_splits, back_input_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), back_output_splits, back_input_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all-to-all: rows ``x[sum(input_splits[:r]) ...]`` go to rank r; (sum(output_splits), ...)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+@dataclass
+class DispatchContext:
+    """What ``combine`` needs to undo ``dispatch``. S = token copies kept and sent, M = copies received."""
+
+    token_index: torch.Tensor
+    """(S,) source token of each sent copy, in send order (sorted by global expert)."""
+    weight: torch.Tensor
+    """(S,) gating weight of each sent copy."""
+    recv_order: torch.Tensor
+    """(M,) received row -> position sorted by local expert: ``x_local = x_recv[recv_order]``."""
+    input_splits: list
+    """Copies sent to each EP rank (dispatch direction)."""
+    output_splits: list
+    """Copies received from each EP rank."""
+    num_tokens: int
+    """N: rows of the original input."""
+    num_dropped: int
+    """Token copies dropped for exceeding the expert capacity on this rank (0 when dropless)."""
+    group: object
+    """The EP process group."""
+
+
+def _keep_within_capacity(flat_idx: torch.Tensor, flat_weight: torch.Tensor, num_experts: int,
+                          capacity_factor: float) -> torch.Tensor:
+    """Bool mask (N*K,) keeping at most ceil(cf * N*K / E) copies per expert, the highest-weight ones.
+
+    Capacity is per source rank (each rank drops from the copies it sends), as in DeepSeek-V2's
+    device-limited dropping; dropped copies contribute nothing (their token keeps the shared-expert path).
+    """
+    capacity = math.ceil(capacity_factor * flat_idx.numel() / num_experts)
+    # Sort by (expert, -weight); a copy's rank within its expert is its position minus the expert's start.
+    by_weight = flat_weight.argsort(descending=True, stable=True)
+    order = by_weight[flat_idx[by_weight].argsort(stable=True)]
+    counts = torch.bincount(flat_idx, minlength=num_experts)
+    starts = counts.cumsum(0) - counts
+    rank_in_expert = torch.arange(order.numel(), device=flat_idx.device) - starts[flat_idx[order]]
+    keep = torch.zeros_like(flat_idx, dtype=torch.bool)
+    keep[order] = rank_in_expert < capacity
+    return keep
+
+
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int, group,
+             capacity_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+    """Send each token copy to the EP rank owning its expert.
+
+    x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K). Experts are split contiguously: EP rank r
+    owns experts [r * E_local, (r + 1) * E_local). Returns the received copies sorted by local expert (M, H),
+    ``tokens_per_local_expert`` (E_local,) long summing to M, and the context for ``combine``.
+    """
+    ep = dist.get_world_size(group)
+    num_local = num_experts // ep
+    flat_idx, flat_weight = topk_idx.flatten(), topk_weight.flatten()  # (N*K,)
+    num_dropped = 0
+    if capacity_factor is not None:
+        keep = _keep_within_capacity(flat_idx, flat_weight.detach(), num_experts, capacity_factor)
+        num_dropped = int((~keep).sum())
+        copy_ids = keep.nonzero().squeeze(1)
+    else:
+        copy_ids = torch.arange(flat_idx.numel(), device=x.device)
+    # Stable sort by expert: the same copy order as the single-process GroupedExperts, so sums match.
+    order = copy_ids[flat_idx[copy_ids].argsort(stable=True)]
+    counts = torch.bincount(flat_idx[order], minlength=num_experts)  # (E,) copies this rank sends per expert
+    token_index = order // topk_idx.shape[1]
+
+    # Exchange counts: row r of recv_counts = copies rank r sends to each of my local experts.
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_counts = recv_counts.view(ep, num_local)
+    input_splits = counts.view(ep, num_local).sum(dim=1).tolist()
+    output_splits = recv_counts.sum(dim=1).tolist()  # host sync: the split sizes must be known on the CPU
+
+    x_recv = all_to_all(x[token_index], output_splits, input_splits, group)  # (M, H) grouped by source rank
+    local_expert = torch.arange(num_local, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+    recv_order = local_expert.argsort(stable=True)
+    ctx = DispatchContext(token_index=token_index, weight=flat_weight[order], recv_order=recv_order,
+                          input_splits=input_splits, output_splits=output_splits, num_tokens=x.shape[0],
+                          num_dropped=num_dropped, group=group)
+    return x_recv[recv_order], recv_counts.sum(dim=0), ctx
+
+
+def combine(expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+    """Return expert outputs to their tokens. expert_out (M, H) in dispatch's output order -> (N, H).
+
+    Un-sorts by local expert, reverses the all-to-all, multiplies each copy by its gating weight and sums the
+    K copies of each token (dropped copies add nothing).
+    """
+    unsorted = torch.empty_like(expert_out).index_copy(0, ctx.recv_order, expert_out)  # back to arrival order
+    y = all_to_all(unsorted, ctx.input_splits, ctx.output_splits, ctx.group)  # (S, H) in send order
+    y = y * ctx.weight.unsqueeze(-1).to(y.dtype)
+    out = y.new_zeros((ctx.num_tokens, y.shape[1]))
+    return out.index_add(0, ctx.token_index, y)
+
+
+class ExpertParallelExperts(GroupedExperts):
+    """This rank's experts of one MoE layer behind all-to-all dispatch/combine.
+
+    Holds ``gate_proj``/``up_proj``/``down_proj`` of shape (E_local, ...) for global experts
+    [first_expert, first_expert + E_local). Same call as ``GroupedExperts``: (x, topk_idx, topk_weight) -> (N, H).
+    """
+
+    def __init__(self, full: GroupedExperts, ep_group, ep_rank: int, ep_size: int,
+                 capacity_factor: float | None = None):
+        num_local = full.num_experts // ep_size
+        hidden, inter = full.gate_proj.shape[2], full.gate_proj.shape[1]
+        with torch.device("meta"):
+            super().__init__(num_local, hidden, inter)
+        self.num_global_experts, self.first_expert = full.num_experts, ep_rank * num_local
+        self.ep_group, self.capacity_factor = ep_group, capacity_factor
+        local = slice(self.first_expert, self.first_expert + num_local)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
+        # Total token copies dropped over capacity since the last reset (a metric the loop may read and zero).
+        self.register_buffer("num_dropped", torch.zeros((), dtype=torch.long, device=full.gate_proj.device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K) -> (N, H)."""
+        x_local, tokens_per_expert, ctx = dispatch(x, topk_idx, topk_weight, self.num_global_experts,
+                                                   self.ep_group, self.capacity_factor)
+        if x_local.shape[0] > 0:
+            y_local = self.compute(x_local, tokens_per_expert)  # (M, H)
+        else:
+            # No copies reached this rank. torch._grouped_mm's backward rejects empty inputs, so skip it but keep
+            # the weights in the graph: they get zero gradients like on the other ranks.
+            y_local = x_local + 0.0 * sum(p.sum() for p in (self.gate_proj, self.up_proj, self.down_proj))
+        self.num_dropped += ctx.num_dropped
+        return combine(y_local, ctx).to(x.dtype)
+
+
+def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:
+    """A parameter-free ``deepspeed.moe.layer.MoE`` so ``deepspeed.initialize`` enables its MoE code paths.
+
+    DeepSpeed decides ``has_moe_layers`` by ``isinstance(module, MoE)`` (``runtime/engine.py``); only then
+    does it build 'moe' optimizer groups and reduce ``allreduce=False`` parameters over the expert-data-parallel
+    group. The marker owns no state, so DeepSpeed's per-expert checkpoint files stay empty and the experts
+    remain in the module state dict under their usual names.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class _DeepSpeedMoEMarker(MoE):
+        def __init__(self):
+            nn.Module.__init__(self)  # skip MoE.__init__: it would build its own gate, experts and groups
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # groups already registered by parallel.topology.initialize_parallel
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("_DeepSpeedMoEMarker is a marker for DeepSpeed; it is never called")
+
+    return _DeepSpeedMoEMarker()
+
+
+def mark_expert_params(module: nn.Module, group_name: str) -> None:
+    """Tag parameters as DeepSpeed expert parameters: reduced over the expert-data-parallel group ``group_name``."""
+    for p in module.parameters():
+        p.allreduce = False
+        p.group_name = group_name
+
+
+def apply_expert_parallel(model: nn.Module, topo, capacity_factor: float | None = None) -> nn.Module:
+    """Replace every ``GroupedExperts`` of ``model`` (main layers and MTP blocks) with its EP shard, in place.
+
+    Call after ``initialize_parallel(topo)`` and with the full weights identical on all ranks.
+    """
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is GroupedExperts]
+    for name, full in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        sharded = ExpertParallelExperts(full, topo.ep_group, topo.ep_rank, topo.ep, capacity_factor)
+        mark_expert_params(sharded, topo.expert_group_name)
+        setattr(parent, child, sharded)
+    if targets:
+        model.ds_moe_marker = _deepspeed_marker(targets[0][1].num_experts, topo.ep)
+    return model
