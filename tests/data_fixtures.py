@@ -23,7 +23,7 @@ def stdlib_files(count: int, start: int = 0) -> list[str]:
 
 
 def stdlib_texts(count: int, start: int = 0) -> list[str]:
-    return [open(f, encoding="utf-8").read() for f in stdlib_files(count, start)]
+    return [open(f, encoding="utf-8", newline="").read() for f in stdlib_files(count, start)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,7 +60,7 @@ def test_every_token_of_every_document_exactly_once(tmp_path):
     manifest = build([str(jsonl), str(gz), *txt_files], tok_path, str(tmp_path / "out"), workers=2,
                      shard_size_tokens=20000, chunk_bytes=8192, progress=False)
 
-    texts = jsonl_docs + gz_docs + [open(f, encoding="utf-8").read() for f in txt_files]
+    texts = jsonl_docs + gz_docs + [open(f, encoding="utf-8", newline="").read() for f in txt_files]
     expected = [sp.encode(t) + [eos] for t in texts]
     manifest, docs = read_documents(tmp_path / "out")
     assert docs == expected

@@ -1,0 +1,113 @@
+"""Data pipeline throughput on a real corpus: the Python standard library's source files.
+
+    python bench/bench_data.py [--max-mb 40] [--vocab-size 8192] [--workers 1 2]
+
+1. raw sentencepiece: ``SentencePieceProcessor.encode`` over every document in one process, texts already in
+   memory (the limit one process can reach);
+2. ``data_pipeline.build`` with 1 worker, then with 2 workers (reading files, tokenizing, writing shards).
+
+Prints tokens/s, MB/s (UTF-8 bytes of the documents) and the ratios. Targets: 1 worker >= 0.9x raw, 2 workers
+>= 1.8x the 1-worker rate (needs two otherwise idle cores). The tokenizer is trained by this script once
+and cached under /tmp.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sentencepiece as spm  # noqa: E402
+
+from data_pipeline.build import build  # noqa: E402
+from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
+
+CACHE = os.path.join(tempfile.gettempdir(), "deepseek_pretrain_bench")
+
+
+def stdlib_corpus(max_mb: float) -> list[str]:
+    """Every stdlib .py file (site-packages excluded) in a fixed order, up to ``max_mb`` MB."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if "site-packages" not in f and os.path.isfile(f))
+    chosen, size = [], 0
+    for f in files:
+        try:
+            if not open(f, encoding="utf-8").read().strip():
+                continue  # empty __init__.py files: the builder would skip them
+        except UnicodeDecodeError:  # a few test files are deliberately not UTF-8; keep the raw run comparable
+            continue
+        if size + os.path.getsize(f) > max_mb * 1e6:
+            break
+        chosen.append(f)
+        size += os.path.getsize(f)
+    return chosen
+
+
+def cached_tokenizer(files: list[str], vocab_size: int) -> str:
+    path = os.path.join(CACHE, f"stdlib_bpe{vocab_size}.model")
+    if not os.path.exists(path):
+        start = time.time()
+        train_tokenizer(files, vocab_size, path, input_sentence_size=2_000_000)
+        print(f"trained {path} in {time.time() - start:.1f}s")
+    return path
+
+
+def bench_raw(files: list[str], model: str) -> tuple[float, int, int]:
+    sp = spm.SentencePieceProcessor(model_file=model)
+    texts = [open(f, encoding="utf-8", newline="").read() for f in files]  # keep "\r\n" as the builder does
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    start = time.perf_counter()
+    tokens = sum(len(sp.encode(t)) for t in texts)
+    return time.perf_counter() - start, tokens, nbytes
+
+
+def bench_build(files: list[str], model: str, workers: int) -> tuple[float, int, dict]:
+    out = os.path.join(CACHE, f"shards_w{workers}")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = build(files, model, out, workers=workers, progress=False)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed, manifest["tokens"], manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-mb", type=float, default=40.0)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    os.makedirs(CACHE, exist_ok=True)
+    files = stdlib_corpus(args.max_mb)
+    model = cached_tokenizer(files, args.vocab_size)
+    print(f"corpus: {len(files)} stdlib files; cores: {os.cpu_count()}; "
+          f"load average before: {os.getloadavg()[0]:.1f}")
+
+    raw_s, raw_tokens, nbytes = bench_raw(files, model)
+    rows = [("raw sentencepiece (1 process)", raw_s, raw_tokens)]
+    for workers in args.workers:
+        elapsed, tokens, manifest = bench_build(files, model, workers)
+        # the builder adds one <eos> per document; everything else must match the raw run
+        assert tokens == raw_tokens + manifest["documents"], (tokens, raw_tokens, manifest["documents"])
+        rows.append((f"build --workers {workers}", elapsed, tokens))
+
+    print(f"\n{nbytes / 1e6:.1f} MB, {raw_tokens:,} tokens ({nbytes / raw_tokens:.2f} bytes/token)\n")
+    print(f"| {'run':32} | {'seconds':>8} | {'M tokens/s':>10} | {'MB/s':>6} | {'x raw':>6} | {'x 1 worker':>10} |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 12}|{'-' * 8}|{'-' * 8}|{'-' * 12}|")
+    one_worker = next((s for name, s, _ in rows if name == "build --workers 1"), None)
+    for name, seconds, tokens in rows:
+        vs_one = f"{one_worker / seconds:.2f}" if one_worker and name.startswith("build") else ""
+        print(f"| {name:32} | {seconds:8.2f} | {tokens / seconds / 1e6:10.3f} | {nbytes / seconds / 1e6:6.2f} | "
+              f"{raw_s / seconds:6.2f} | {vs_one:>10} |")
+    print(f"\nload average after: {os.getloadavg()[0]:.1f} (the ratios are only meaningful on idle cores)")
+
+
+if __name__ == "__main__":
+    main()
