@@ -32,7 +32,7 @@ if [ -z "${NODE_RANK:-}" ]; then
 fi
 
 # Way 2: this node's share.
-: "${NNODES:?set NNODES (the number of nodes)}" "${MASTER_ADDR:?set MASTER_ADDR (node 0's address)}"
+: "${NNODES:?set NNODES (the number of nodes)}" "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0)}"
 case "${LAUNCHER:-torchrun}" in
     torchrun)
         run torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
