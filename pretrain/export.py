@@ -147,25 +147,44 @@ def _tokenizer_path(tokenizer) -> Path:
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """Copy the sentencepiece model as tokenizer.model and write tokenizer files ``AutoTokenizer`` loads.
+    """Copy the sentencepiece model as tokenizer.model and write the files ``AutoTokenizer`` loads.
 
-    transformers converts the sentencepiece model into its fast (``tokenizers``) form; the special tokens are
-    the model's own bos/eos/pad/unk pieces.
+    transformers converts the model into its fast (``tokenizers``) Llama form; we keep sentencepiece's choices:
+    no dummy prefix, ``user_defined`` pieces (e.g. "\\n") atomic, ``control`` pieces (bos/eos/pad/FIM) special and
+    never produced from text (``split_special_tokens``), so ids match ``data_pipeline``'s tokenizer.
     """
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
 
     src = _tokenizer_path(tokenizer)
     shutil.copyfile(src, out_dir / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(src))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(src.read_bytes())
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece
+    trainer = proto.trainer_spec
 
     def piece(i: int) -> str | None:
-        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
+        return proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
 
-    hf_tok = LlamaTokenizer(vocab_file=str(out_dir / "tokenizer.model"), bos_token=piece(sp.bos_id()),
-                            eos_token=piece(sp.eos_id()), unk_token=piece(sp.unk_id()), pad_token=piece(sp.pad_id()),
-                            add_bos_token=False, add_eos_token=False, legacy=False)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": piece(trainer.bos_id), "eos_token": piece(trainer.eos_id),
+        "unk_token": piece(trainer.unk_id), "pad_token": piece(trainer.pad_id), "add_bos_token": False,
+        "add_eos_token": False, "legacy": False, "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix)}))
+    hf_tok = AutoTokenizer.from_pretrained(str(out_dir))
+    hf_tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                       for p in proto.pieces if p.type == kind.USER_DEFINED])
+    named = {hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token}
+    extra = [p.piece for p in proto.pieces if p.type == kind.CONTROL and p.piece not in named]
+    if extra:
+        hf_tok.add_special_tokens({"additional_special_tokens": extra})
     hf_tok.save_pretrained(str(out_dir))
+    # save_pretrained does not persist split_special_tokens (nor should it write where it was loaded from)
+    config_path = out_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    for key in ("is_local", "local_files_only"):
+        tok_config.pop(key, None)
+    config_path.write_text(json.dumps({**tok_config, "split_special_tokens": True}, indent=2))
 
 
 def to_hf(model: torch.nn.Module, model_cfg: ModelConfig, output_dir, tokenizer=None,

@@ -132,3 +132,24 @@ def test_cli_reports_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pretrain.export: error:") and "\n" not in err
+
+
+def test_tokenizer_is_exported_and_loads_with_autotokenizer(tmp_path):
+    tok_mod = pytest.importorskip("data_pipeline.tokenizer")
+    import glob
+    corpus = tmp_path / "corpus.txt"
+    stdlib_json = sorted(glob.glob(str(Path(json.__file__).parent / "*.py")))
+    corpus.write_text("\n".join(Path(f).read_text() for f in stdlib_json))
+    ours_tok = tok_mod.train_tokenizer([str(corpus)], 600, str(tmp_path / "tok.model"))
+    model, cfg = make_model("llama_gqa")
+    to_hf(model, cfg, tmp_path / "hf", tokenizer=ours_tok)
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["def f(x):\n    return x + 12345\n", "  héllo  wörld ✓ 你好\n\n\tend", "text with <eos> inside"]:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == ours_tok.encode(text)
+        assert hf_tok.decode(ids) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        ours_tok.bos_id, ours_tok.eos_id, ours_tok.pad_id)
+    with pytest.raises(FileNotFoundError, match="no such sentencepiece"):
+        to_hf(model, cfg, tmp_path / "hf2", tokenizer=tmp_path / "missing.model")
