@@ -39,14 +39,16 @@ def _init_worker(tokenizer_path: str, text_key: str, fim_rate: float, seed: int,
     _WORKER.update(tok=tok, text_key=text_key, fim_rate=fim_rate, seed=seed, dtype=np.dtype(dtype))
 
 
-def _encode_document(tok: Tokenizer, text: str, doc_index: int, fim_rate: float, seed: int) -> tuple[list, bool]:
-    """Token arrays of one document (ending with eos) and whether FIM was applied."""
+def _encode_document(tok: Tokenizer, text: str, doc_index: int, fim_rate: float, seed: int,
+                     dtype) -> tuple[list[np.ndarray], bool]:
+    """Token arrays of one document (the last ends with eos) and whether FIM was applied."""
     parts = fim_split(text, doc_index, seed, fim_rate) if fim_rate > 0 else None
     if parts is not None:
-        return [fim_tokens(tok.encode, *parts, tok.fim_ids, tok.eos_id)], True
-    segments = list(tok.encode_segments(text))
-    segments[-1].append(tok.eos_id)
-    return segments, False
+        return [np.array(fim_tokens(tok.encode, *parts, tok.fim_ids, tok.eos_id), dtype=dtype)], True
+    # Convert segment by segment: a 50 MB document never exists as one Python list of ints (~36 B/token).
+    arrays = [np.array(ids, dtype=dtype) for ids in tok.encode_segments(text)]
+    arrays.append(np.array([tok.eos_id], dtype=dtype))
+    return arrays, False
 
 
 def process_chunk(chunk: tuple[int, list]) -> tuple:
@@ -63,14 +65,12 @@ def process_chunk(chunk: tuple[int, list]) -> tuple:
         text, reason = parse_record(kind, payload, text_key)
         if text is not None:
             try:
-                segments, used_fim = _encode_document(tok, text, base_index + i, fim_rate, seed)
+                doc, used_fim = _encode_document(tok, text, base_index + i, fim_rate, seed, dtype)
             except RuntimeError:  # lone surrogates (JSON "\ud800" escapes) have no UTF-8 form
                 text, reason = None, "non_utf8"
         if text is None:
             skips.append((i, reason))
             continue
-        # Convert per segment: a 50 MB document never exists as one Python list of ints.
-        doc = [np.array(s, dtype=dtype) for s in segments]
         arrays.extend(doc)
         lengths.append(sum(len(a) for a in doc))
         num_fim += used_fim
