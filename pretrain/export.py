@@ -286,9 +286,6 @@ def from_hf(path) -> tuple[torch.nn.Module, ModelConfig]:
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    for m in model.modules():  # routers compute in fp32 whatever the weights' dtype (as in transformers)
-        if hasattr(m, "e_score_correction_bias"):
-            m.float()
     return model, cfg
 
 

@@ -153,3 +153,22 @@ def test_tokenizer_is_exported_and_loads_with_autotokenizer(tmp_path):
         ours_tok.bos_id, ours_tok.eos_id, ours_tok.pad_id)
     with pytest.raises(FileNotFoundError, match="no such sentencepiece"):
         to_hf(model, cfg, tmp_path / "hf2", tokenizer=tmp_path / "missing.model")
+
+
+def test_cli_exports_what_the_checkpoint_loader_returns(tmp_path, monkeypatch, capsys):
+    checkpoint = pytest.importorskip("pretrain.checkpoint")
+    model, cfg = make_model("v3_groups_mtp")
+
+    class RunConfig:  # load_model_from_checkpoint returns the full run config; export uses its .model
+        pass
+
+    run_cfg = RunConfig()
+    run_cfg.model = cfg
+    seen = []
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda p: (seen.append(p), (model, run_cfg, None))[1])
+    assert main(["--checkpoint", "RUN", "--output", str(tmp_path / "out")]) == 0
+    assert seen == ["RUN"] and "deepseek_v3" in capsys.readouterr().out
+    loaded, _ = from_hf(tmp_path / "out")
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), loaded.eval()(ids))

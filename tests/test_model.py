@@ -147,3 +147,14 @@ def test_tied_embeddings_and_init():
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
     assert torch.equal(model.layers[1].mlp.gate.e_score_correction_bias, torch.zeros(cfg.n_routed_experts))
     assert "layers.1.mlp.gate.e_score_correction_bias" in model.state_dict()
+
+
+def test_bf16_model_keeps_fp32_correction_bias():
+    model, cfg = tiny()
+    model.to(torch.bfloat16)
+    router = model.layers[1].mlp.gate
+    assert router.weight.dtype == torch.bfloat16 and router.e_score_correction_bias.dtype == torch.float32
+    ids, labels = batch(cfg)
+    out = model(ids, labels=labels)
+    out.lm_loss.backward()
+    assert model.layers[1].mlp.experts.gate_proj.grad.dtype == torch.bfloat16

@@ -26,6 +26,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias: gamma-sized updates (1e-3) vanish in bf16 (as transformers'
+        # _keep_in_fp32_modules_strict does for DeepSeek-V3).
+        super()._apply(fn, recurse)
+        self._buffers["e_score_correction_bias"] = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, H) -> topk_idx (N, K) long, topk_weight (N, K) fp32, scores (N, E) fp32 (unbiased)."""
         logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as DeepSeek does
