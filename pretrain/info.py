@@ -1,0 +1,472 @@
+"""Model size, training FLOPs per token and per-rank memory: ``python -m pretrain.info``.
+
+    python -m pretrain.info --config deepseek-v3 [--tp N --pp N --ep N --dp N] [--json] [section.key=value ...]
+
+Conventions (the table and the JSON say the same):
+
+* **Parameters** are counted on the real model built on the meta device (no memory, seconds for 671B),
+  classified by module path; ``analytic_inventory`` computes the same inventory from ``ModelConfig`` alone
+  and a test keeps the two equal. ``total_params`` is the main model (the published 671B for V3);
+  ``mtp_params`` are the MTP modules' *unique* parameters, i.e. without the embedding and output head
+  they share with the main model (DeepSeek's "11.5B unique MTP parameters" for V3).
+  ``active_params`` (per token) follow the papers: every non-expert parameter of the main model except
+  the input-embedding lookup, the output head included, plus ``top_k / n_routed`` of the routed experts.
+* **FLOPs per token** follow Megatron-LM's ``num_floating_point_operations`` (training.py): 2 FLOPs per
+  multiply-add, every GEMM run 3 times (forward, data gradient, weight gradient), causal attention counted
+  as half the ``s x s`` score and value products, the logits GEMM counted, the embedding lookup, norms and
+  router GEMM not counted (except the few norm terms Megatron keeps for MLA/MTP). MTP depth k costs one
+  more transformer block, its ``2h -> h`` projection and one more logits GEMM; it is reported separately.
+* **Memory per rank** (see ``memory_per_rank``): weights, gradients and AdamW states under ZeRO over the
+  data-parallel group (dense) / expert-data-parallel group of size dp/ep (routed experts), plus an
+  activation estimate for one stage of a 1F1B pipeline; the reported figure is the max over stages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from pretrain.config import Config, ConfigError, ModelConfig, load_config
+
+# A parameter inventory maps (group, kind) -> number of parameters.
+#   group: "embed", "layer.<i>", "norm" (final), "head", "mtp.<k>"
+#   kind:  "tp" (split by tensor parallelism), "replicated" (norms, router, MLA down-projections),
+#          "expert" (routed experts: split by expert parallelism only)
+Inventory = Counter
+
+# Module-path components whose parameters stay whole on every tensor-parallel rank: norms, the router,
+# and MLA's low-rank down-projections (megatron-core builds those "duplicated").
+_REPLICATED = {"input_layernorm", "post_attention_layernorm", "q_a_layernorm", "kv_a_layernorm", "norm",
+               "enorm", "hnorm", "gate", "q_a_proj", "kv_a_proj_with_mqa"}
+
+
+# ------------------------------------------------------------------------------------ parameter inventory
+
+def _attention_inventory(m: ModelConfig) -> Counter:
+    """Parameters of one attention block by kind (no biases, as in the DeepSeek/LLaMA models)."""
+    h, n = m.hidden_size, m.num_attention_heads
+    inv = Counter()
+    if m.attention == "mla":
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank is None:
+            inv["tp"] += h * n * qk                                   # q_proj
+        else:
+            inv["replicated"] += h * m.q_lora_rank + m.q_lora_rank    # q_a_proj, q_a_layernorm
+            inv["tp"] += m.q_lora_rank * n * qk                       # q_b_proj
+        inv["replicated"] += h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank  # kv_a_proj_with_mqa, norm
+        inv["tp"] += m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)          # kv_b_proj
+        inv["tp"] += n * m.v_head_dim * h                                               # o_proj
+    else:
+        d = m.attn_head_dim
+        inv["tp"] += h * d * (n + 2 * m.kv_heads) + n * d * h        # q, k, v, o
+    return inv
+
+
+def _block_inventory(m: ModelConfig, moe: bool) -> Counter:
+    """Parameters of one transformer block (norms, attention, dense FFN or MoE) by kind."""
+    h = m.hidden_size
+    inv = _attention_inventory(m)
+    inv["replicated"] += 2 * h                                        # input/post-attention RMSNorm
+    if moe:
+        inv["replicated"] += m.n_routed_experts * h                   # router weight (E, H)
+        inv["expert"] += m.n_routed_experts * 3 * h * m.moe_intermediate_size
+        inv["tp"] += m.n_shared_experts * 3 * h * m.moe_intermediate_size
+    else:
+        inv["tp"] += 3 * h * m.intermediate_size                      # SwiGLU gate, up, down
+    return inv
+
+
+def _layer_is_moe(m: ModelConfig, i: int) -> bool:
+    return m.is_moe and i >= m.first_k_dense_replace
+
+
+def analytic_inventory(m: ModelConfig) -> Inventory:
+    """The parameter inventory computed from the config alone (must equal ``meta_inventory``)."""
+    inv = Counter()
+    inv["embed", "tp"] = m.vocab_size * m.hidden_size
+    for i in range(m.num_hidden_layers):
+        for kind, count in _block_inventory(m, _layer_is_moe(m, i)).items():
+            inv[f"layer.{i}", kind] = count
+    inv["norm", "replicated"] = m.hidden_size
+    if not m.tie_word_embeddings:
+        inv["head", "tp"] = m.vocab_size * m.hidden_size
+    h = m.hidden_size
+    mtp_moe = _layer_is_moe(m, m.num_hidden_layers - 1)               # MTP blocks follow the last layer's kind
+    for k in range(m.num_nextn_predict_layers):
+        block = _block_inventory(m, mtp_moe)
+        block["replicated"] += 3 * h                                  # enorm, hnorm, final norm
+        block["tp"] += 2 * h * h                                      # eh_proj
+        for kind, count in block.items():
+            inv[f"mtp.{k}", kind] = count
+    return +inv
+
+
+def classify(name: str) -> tuple[str, str]:
+    """(group, kind) of a parameter from its module path, e.g. ``layers.3.mlp.experts.gate_proj``."""
+    parts = name.split(".")
+    if parts[0] in ("model", "module"):                               # tolerate a wrapper prefix
+        parts = parts[1:]
+    if parts[0] == "embed_tokens":
+        group = "embed"
+    elif parts[0] == "lm_head":
+        group = "head"
+    elif parts[0] in ("layers", "mtp"):
+        group = f"{parts[0].rstrip('s')}.{parts[1]}"
+    elif parts[0] == "norm":
+        group = "norm"
+    else:
+        raise ValueError(f"pretrain.info: cannot place parameter {name!r}; update pretrain.info.classify")
+    if "experts" in parts[:-1]:
+        kind = "expert"
+    elif group == "embed" or group == "head":
+        kind = "tp"
+    elif _REPLICATED.intersection(parts[2:-1]) or (group == "norm"):
+        kind = "replicated"
+    else:
+        kind = "tp"
+    return group, kind
+
+
+def meta_inventory(m: ModelConfig) -> Inventory:
+    """The parameter inventory of the real model built on the meta device (no memory is allocated)."""
+    import torch
+    from pretrain.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(m)
+    inv = Counter()
+    for name, p in model.named_parameters():                          # shared embed/head appear once
+        inv[classify(name)] += p.numel()
+    return inv
+
+
+def _model_available() -> bool:
+    try:
+        from pretrain.model import build_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def inventory(m: ModelConfig, source: str = "meta") -> tuple[Inventory, str]:
+    """(inventory, source actually used). ``meta`` falls back to ``analytic`` only while the model
+    package has no ``build_model``; any other error in the model propagates."""
+    if source == "meta" and _model_available():
+        return meta_inventory(m), "meta"
+    if source not in ("meta", "analytic"):
+        raise ValueError(f"source={source!r}: use meta or analytic")
+    return analytic_inventory(m), "analytic"
+
+
+def summarize(m: ModelConfig, inv: Inventory) -> dict:
+    """Totals from an inventory: main model, activated per token, MTP (unique), embedding, head."""
+    frac = m.num_experts_per_tok / m.n_routed_experts if m.is_moe else 0.0
+    main = {k: v for k, v in inv.items() if not k[0].startswith("mtp.")}
+    mtp = {k: v for k, v in inv.items() if k[0].startswith("mtp.")}
+
+    def active(items: dict) -> float:
+        return sum(v * (frac if kind == "expert" else 1.0) for (g, kind), v in items.items() if g != "embed")
+
+    embed = inv.get(("embed", "tp"), 0)
+    head = inv.get(("head", "tp"), 0)
+    tied_head = embed if m.tie_word_embeddings else 0                 # a tied head is used as a GEMM too
+    return {
+        "total_params": sum(main.values()),
+        "active_params": int(round(active(main))) + tied_head,
+        "mtp_params": sum(mtp.values()),
+        "mtp_active_params": int(round(active(mtp))),
+        "total_params_with_mtp": sum(inv.values()),
+        "embedding_params": embed,
+        "head_params": head,
+        "routed_expert_params": sum(v for (g, kind), v in main.items() if kind == "expert"),
+    }
+
+
+def count_params(model_cfg: ModelConfig, source: str = "meta") -> dict:
+    """Parameter counts of ``model_cfg``: ``total_params`` (main model), ``active_params`` (per token,
+    input embedding excluded, head included), ``mtp_params`` (unique MTP parameters, shared
+    embedding/head excluded), ``mtp_active_params``, ``total_params_with_mtp``, ``embedding_params``,
+    ``head_params``, ``routed_expert_params`` and ``param_source`` (meta or analytic)."""
+    inv, used = inventory(model_cfg, source)
+    return {**summarize(model_cfg, inv), "param_source": used}
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+def _attention_flops_fwd(m: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs per token of one attention block, as Megatron counts them (2 per multiply-add;
+    causal: half of the QK^T and attention-times-V products)."""
+    h, n, s = m.hidden_size, m.num_attention_heads, seq_length
+    if m.attention == "mla":
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank is None:
+            q_term = h * n * qk
+        else:
+            q_term = m.q_lora_rank * (h + n * qk + 1)                 # q_a, q_b (+ q norm)
+        macs = (q_term
+                + m.kv_lora_rank * (h + n * (m.qk_nope_head_dim + m.v_head_dim) + 1)  # kv_a latent, kv_b, norm
+                + h * m.qk_rope_head_dim                              # shared rope key
+                + n * m.v_head_dim * h                                # o_proj
+                + s * n * qk / 2 + s * n * m.v_head_dim / 2)          # causal core attention
+    else:
+        d = m.attn_head_dim
+        q, kv = n * d, m.kv_heads * d
+        macs = h * (q + 2 * kv) + q * s / 2 * 2 + q * h
+    return 2.0 * macs
+
+
+def _ffn_flops_fwd(m: ModelConfig, moe: bool) -> float:
+    """Forward FLOPs per token of one SwiGLU FFN or MoE layer (top-k routed + shared experts; the
+    router GEMM is not counted, as in Megatron)."""
+    width = (m.num_experts_per_tok + m.n_shared_experts) * m.moe_intermediate_size if moe else m.intermediate_size
+    return 2.0 * 3 * m.hidden_size * width
+
+
+def flops_breakdown(model_cfg: ModelConfig, seq_length: int) -> dict:
+    """Training FLOPs per token (forward + backward = 3x forward): ``main`` and ``mtp`` (all D depths)."""
+    m, h = model_cfg, model_cfg.hidden_size
+    attn = _attention_flops_fwd(m, seq_length)
+    layers = sum(attn + _ffn_flops_fwd(m, _layer_is_moe(m, i)) for i in range(m.num_hidden_layers))
+    logits = 2.0 * h * m.vocab_size
+    mtp_block = attn + _ffn_flops_fwd(m, _layer_is_moe(m, m.num_hidden_layers - 1))
+    mtp_depth = mtp_block + 2.0 * (3 * h + 2 * h * h) + logits       # block, (norms +) eh_proj, logits
+    return {"main": 3.0 * (layers + logits), "mtp": 3.0 * m.num_nextn_predict_layers * mtp_depth}
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_length: int, include_mtp: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token at ``seq_length``, Megatron's convention; for MFU
+    multiply by tokens per second and divide by the device peak."""
+    f = flops_breakdown(model_cfg, seq_length)
+    return f["main"] + (f["mtp"] if include_mtp else 0.0)
+
+
+# ----------------------------------------------------------------------------------- memory per rank
+
+def validate_layout(m: ModelConfig, tp: int, pp: int, ep: int, dp: int, pipeline_layout=None) -> None:
+    """One-line ``ConfigError`` naming the key for a layout the model cannot be cut into."""
+    for key, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("--dp", dp)):
+        if v < 1:
+            raise ConfigError(f"{key}={v}: must be >= 1")
+    n = m.num_attention_heads
+    if n % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide model.num_attention_heads={n}")
+    if m.attention == "gqa" and m.kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide model.num_key_value_heads={m.kv_heads}")
+    if pp > m.num_hidden_layers:
+        raise ConfigError(f"parallel.pp={pp} exceeds model.num_hidden_layers={m.num_hidden_layers}: "
+                          f"each pipeline stage needs a layer")
+    if pipeline_layout is not None and (len(pipeline_layout) != pp or sum(pipeline_layout) != m.num_hidden_layers):
+        raise ConfigError(f"parallel.pipeline_layout={pipeline_layout}: needs parallel.pp={pp} entries summing "
+                          f"to model.num_hidden_layers={m.num_hidden_layers}")
+    if ep > 1 and not m.is_moe:
+        raise ConfigError(f"parallel.ep={ep}: the model has no routed experts (model.n_routed_experts=0); use 1")
+    if m.is_moe and m.n_routed_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide model.n_routed_experts={m.n_routed_experts}")
+    if dp % ep:
+        raise ConfigError(f"--dp={dp} is not a multiple of parallel.ep={ep}: experts are sharded over the "
+                          f"data-parallel ranks, so ep must divide dp")
+
+
+def stage_of_layers(num_layers: int, pp: int, pipeline_layout=None) -> list[int]:
+    """Pipeline stage of each layer: ``pipeline_layout`` if given, else an even split with the
+    remainder on the first stages."""
+    sizes = list(pipeline_layout) if pipeline_layout else [num_layers // pp + (s < num_layers % pp)
+                                                           for s in range(pp)]
+    return [s for s, size in enumerate(sizes) for _ in range(size)]
+
+
+def _pipeline_layout(cfg: Config, pp: int) -> list | None:
+    """``parallel.pipeline_layout`` when it is for ``pp`` stages (``--pp`` may override it), else None."""
+    layout = cfg.parallel.pipeline_layout
+    return layout if layout is not None and len(layout) == pp else None
+
+
+def _group_stage(group: str, layer_stage: list[int], pp: int) -> int:
+    """Embedding on the first stage; final norm, head and MTP modules on the last (as Megatron)."""
+    if group == "embed":
+        return 0
+    if group.startswith("layer."):
+        return layer_stage[int(group.split(".")[1])]
+    return pp - 1
+
+
+def _layer_activation_elems(m: ModelConfig, moe: bool, tp: int, selective: bool) -> tuple[float, float]:
+    """(activation-dtype elements, fp32 elements) autograd saves per token for one block of
+    ``pretrain.model`` without full recomputation (checked against the saved tensors in the tests).
+
+    RMSNorm of width w keeps its input upcast to fp32, the normalised and the scaled output (w fp32 +
+    2w); the block's two norms are whole on every tensor-parallel rank (no sequence parallelism). MLA
+    keeps its query/latent norms (replicated); attention keeps q, k, v (split by tp; SDPA stores no
+    s x s matrix with flash-style kernels, only an fp32 log-sum-exp per head; CPU bf16 falls back to the
+    math kernel, which does), SDPA's output and o_proj's input (2 x n*v).
+    SwiGLU keeps gate, up, silu(gate) and their product (4 x width, split by tp). MoE keeps the fp32
+    router input and scores, 3 k*h (dispatched tokens, expert output, weighted output) and the routed
+    experts' 4 k*I (experts are not tensor-parallel). ``selective`` recomputes MLA's per-head key/value
+    expansion with the core (as ``pretrain.model`` does): k and v are not kept; mha/gqa are unchanged."""
+    h, n = m.hidden_size, m.num_attention_heads
+    elems, fp32 = 4.0 * h, 2.0 * h + n / tp                           # two block norms; log-sum-exp
+    if m.attention == "mla":
+        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        q_rank = m.q_lora_rank or 0
+        elems += 2 * q_rank + 2 * m.kv_lora_rank
+        fp32 += q_rank + m.kv_lora_rank + m.qk_rope_head_dim          # norm inputs (the kv one with its rope key)
+        elems += (n * qk + 2 * n * v + (0 if selective else n * qk + n * v)) / tp
+    else:
+        d = m.attn_head_dim
+        elems += (n * d + 2 * m.kv_heads * d + 2 * n * d) / tp
+    if moe:
+        k, inter = m.num_experts_per_tok, m.moe_intermediate_size
+        fp32 += h + m.n_routed_experts
+        elems += 3 * k * h + 4 * k * inter + 4 * m.n_shared_experts * inter / tp
+    else:
+        elems += 4 * m.intermediate_size / tp
+    return elems, fp32
+
+
+def _stage_activation_bytes(cfg: Config, stage: int, layers: list[int], tp: int, pp: int, dp: int) -> dict:
+    """Activation bytes of one pipeline stage at its peak: ``saved`` (kept for backward by all
+    micro-batches in flight; 1F1B: stage s holds pp - s of them) and ``transient`` (alive once: the
+    block being recomputed under full checkpointing, the logits before the fp32 upcast).
+
+    Full checkpointing keeps each block's input only (2h for an MTP block: hidden and embedding). The
+    last stage keeps, for its one micro-batch, the final norms (3h each), the fp32 log-probabilities of
+    the main and MTP heads (vocab split by tp), and per MTP depth its two input norms, the 2h
+    concatenation and the block."""
+    m, t = cfg.model, cfg.train
+    tokens, h = t.micro_batch_size * cfg.data.seq_length, m.hidden_size
+    act = 2 if t.precision == "bf16" else 4
+    full, selective = t.activation_checkpointing == "full", t.activation_checkpointing == "selective"
+    in_flight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp)))
+
+    def block_bytes(i: int) -> float:
+        e, e32 = _layer_activation_elems(m, _layer_is_moe(m, i), tp, selective)
+        return tokens * (e * act + e32 * 4)
+
+    norm = tokens * h * (2 * act + 4)                                 # one h-wide RMSNorm
+    kept = [tokens * h * act if full else block_bytes(i) for i in layers]
+    saved, transient = in_flight * sum(kept), (max(map(block_bytes, layers), default=0.0) if full else 0.0)
+    if stage == pp - 1:
+        depth, last = m.num_nextn_predict_layers, m.num_hidden_layers - 1
+        saved += (1 + depth) * (norm + tokens * m.vocab_size / tp * 4)
+        saved += depth * (2 * tokens * h * act if full else block_bytes(last) + 2 * norm + 2 * tokens * h * act)
+        transient = max(transient, tokens * m.vocab_size / tp * act, block_bytes(last) if full and depth else 0.0)
+    return {"saved": saved, "transient": transient}
+
+
+def memory_per_rank(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: int) -> dict:
+    """Bytes per rank for the layout, max over pipeline stages, with its breakdown.
+
+    Weights: 2 B (bf16) or 4 B (fp32) per parameter. Gradients: in DeepSpeed's gradient-accumulation
+    dtype (``deepspeed.data_types.grad_accum_dtype``, default the weight dtype). AdamW: fp32 master
+    copy (bf16 only) and two fp32 moments, sharded (ZeRO >= 1) over the data-parallel group for dense
+    parameters and over the expert-data-parallel group (dp / ep ranks) for routed experts; ZeRO-2 shards
+    the gradients the same way. Dense parameters are split by tp (norms, router and MLA down-projections
+    replicated); routed experts by ep only."""
+    m, z = cfg.model, cfg.parallel.zero_stage
+    wbytes = 2 if cfg.train.precision == "bf16" else 4
+    accum = (cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype")
+    gbytes = 4 if accum in ("fp32", "float32", "float") else wbytes
+    obytes = 12 if wbytes == 2 else 8
+    layer_stage = stage_of_layers(m.num_hidden_layers, pp, _pipeline_layout(cfg, pp))
+    stages = []
+    for s in range(pp):
+        dense = sum(v / (tp if kind == "tp" else 1) for (g, kind), v in inv.items()
+                    if kind != "expert" and _group_stage(g, layer_stage, pp) == s)
+        expert = sum(v / ep for (g, kind), v in inv.items()
+                     if kind == "expert" and _group_stage(g, layer_stage, pp) == s)
+        edp = dp // ep
+        row = {
+            "stage": s,
+            "params_bytes": (dense + expert) * wbytes,
+            "grads_bytes": (dense / (dp if z >= 2 else 1) + expert / (edp if z >= 2 else 1)) * gbytes,
+            "optimizer_bytes": (dense / (dp if z >= 1 else 1) + expert / (edp if z >= 1 else 1)) * obytes,
+        }
+        acts = _stage_activation_bytes(cfg, s, [i for i, st in enumerate(layer_stage) if st == s], tp, pp, dp)
+        row["activations_bytes"] = acts["saved"] + acts["transient"]
+        row["total_bytes"] = sum(v for k, v in row.items() if k.endswith("_bytes"))
+        stages.append({k: (int(v) if k != "stage" else v) for k, v in row.items()})
+    worst = max(stages, key=lambda r: r["total_bytes"])
+    return {"memory_per_rank_bytes": worst["total_bytes"], "memory_breakdown": worst, "memory_per_stage": stages,
+            "layout": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": tp * pp * dp, "zero_stage": z}}
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def model_info(cfg: Config, tp: int | None = None, pp: int | None = None, ep: int | None = None,
+               dp: int | None = None, source: str = "meta") -> dict:
+    """Everything ``python -m pretrain.info --json`` prints. Unset degrees come from ``cfg.parallel``;
+    ``dp`` defaults to ``ep`` (the smallest data-parallel size the layout allows)."""
+    p = cfg.parallel
+    tp, pp, ep = tp or p.tp, pp or p.pp, ep or p.ep
+    dp = dp or ep
+    validate_layout(cfg.model, tp, pp, ep, dp, _pipeline_layout(cfg, pp))
+    inv, used = inventory(cfg.model, source)
+    seq = cfg.data.seq_length
+    flops = flops_breakdown(cfg.model, seq)
+    return {
+        **summarize(cfg.model, inv),
+        "param_source": used,
+        "seq_length": seq,
+        "flops_per_token": flops["main"] + flops["mtp"],
+        "flops_per_token_main": flops["main"],
+        "mtp_flops_per_token": flops["mtp"],
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "precision": cfg.train.precision,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        **memory_per_rank(cfg, inv, tp, pp, ep, dp),
+    }
+
+
+def _fmt_count(n: float) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e8 else f"{n / 1e6:,.2f} M"
+
+
+def format_table(info: dict) -> str:
+    """The human-readable report."""
+    gib = 2 ** 30
+    lay, br = info["layout"], info["memory_breakdown"]
+    rows = [
+        ("total parameters (main model)", _fmt_count(info["total_params"])),
+        ("  embedding / output head", f"{_fmt_count(info['embedding_params'])} / {_fmt_count(info['head_params'])}"),
+        ("  routed experts", _fmt_count(info["routed_expert_params"])),
+        ("activated per token (no input embedding)", _fmt_count(info["active_params"])),
+        ("MTP parameters (unique; shared embed/head excluded)", _fmt_count(info["mtp_params"])),
+        ("MTP activated per token", _fmt_count(info["mtp_active_params"])),
+        (f"training GFLOP/token @ seq {info['seq_length']} (3x fwd, causal)", f"{info['flops_per_token'] / 1e9:,.2f}"),
+        ("  main model", f"{info['flops_per_token_main'] / 1e9:,.2f}"),
+        ("  MTP", f"{info['mtp_flops_per_token'] / 1e9:,.2f}"),
+        (f"layout tp x pp x dp (ep) = world, ZeRO-{lay['zero_stage']}",
+         f"{lay['tp']} x {lay['pp']} x {lay['dp']} ({lay['ep']}) = {lay['world']}"),
+        (f"memory per rank, worst stage {br['stage']} ({info['precision']}, micro batch "
+         f"{info['micro_batch_size']}, ckpt {info['activation_checkpointing']})",
+         f"{info['memory_per_rank_bytes'] / gib:,.2f} GiB"),
+    ]
+    rows += [(f"  {k[:-6]}", f"{br[k] / gib:,.2f} GiB")
+             for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")]
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{a:<{width}}  {b:>16}" for a, b in rows)
+    return f"{table}\n(parameters counted from the {info['param_source']} model)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.info", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="preset name or YAML path")
+    for deg in ("tp", "pp", "ep", "dp"):
+        ap.add_argument(f"--{deg}", type=int, default=None, help=f"{deg} degree (default: the config's"
+                        + (", or ep for dp)" if deg == "dp" else ")"))
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = model_info(cfg, args.tp, args.pp, args.ep, args.dp)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info) if args.json else format_table(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
