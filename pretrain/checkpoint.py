@@ -157,6 +157,9 @@ def resume(engine, cfg: Config) -> TrainState:
     rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
     if rng_file.is_file():  # absent when the run is resumed on more ranks than it was saved with
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    if _rank() == 0:
+        print(f"[train] resumed from {step_dir} (step {saved['step']}, {saved['tokens_seen']:,} tokens seen)",
+              flush=True)
     return TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"],
                       tokens_seen=saved["tokens_seen"])
 

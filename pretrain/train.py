@@ -141,7 +141,8 @@ def setup(cfg: Config) -> Run:
     tokenizer = resolve_tokenizer(cfg)
 
     device = init_distributed(local_rank)
-    initialize_parallel(topo)
+    if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
+        initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
     engine = build_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
     state = resume(engine, cfg)
     if state.step == 0:  # on resume the checkpoint restored every rank's RNG state instead
@@ -165,9 +166,9 @@ def setup(cfg: Config) -> Run:
 
 # ------------------------------------------------------------------------------------------------- step
 
-def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+def _dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
+    """In-place sum over the data-parallel group (the world group for a trivial layout)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=None if topo.is_trivial else topo.dp_group)
     return tensor
 
 
@@ -198,9 +199,8 @@ def train_step(run: Run, step: int) -> StepResult:
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
     # Loss for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
     # replica applies the same bias update.
-    dp_group = run.topo.dp_group if dist.is_initialized() else None
-    sums = _all_reduce_sum(sums, dp_group) / (len(micro_batches) * run.topo.dp_size)
-    load = _all_reduce_sum(load, dp_group)
+    sums = _dp_sum(sums, run.topo) / (len(micro_batches) * run.topo.dp_size)
+    load = _dp_sum(load, run.topo)
     if load.numel():
         update_expert_bias(engine.module, load, gamma)
     st.step, st.consumed_samples = step, run.stream.consumed_samples
@@ -231,8 +231,7 @@ def maybe_eval(run: Run, step: int) -> float | None:
         tokens = tokens.to(run.device)
         total += model(tokens[:, :-1], labels=tokens[:, 1:]).lm_loss.float()
     model.train()
-    dp_group = run.topo.dp_group if dist.is_initialized() else None
-    return (_all_reduce_sum(total, dp_group) / (t.eval_iters * run.topo.dp_size)).item()
+    return (_dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
 
 
 def maybe_log(run: Run, step: int, r: StepResult) -> None:
