@@ -33,6 +33,8 @@ CONFIGS = {
                               n_group=4, topk_group=2, routed_scaling_factor=2.0, scoring_func="softmax"),
     "v2_lite_greedy": dict(MLA, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
                            first_k_dense_replace=1, scoring_func="softmax"),
+    # dense MLA (no experts) goes out as DeepseekV3 with every layer dense
+    "v3_dense_mla": dict(MLA, q_lora_rank=16, num_hidden_layers=2),
     "llama_gqa": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=96, attention="gqa", rope_theta=500.0),
     "llama_mha_yarn": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -97,7 +99,7 @@ def test_mtp_not_exported_and_sharded_index(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 3
 
 
-@pytest.mark.parametrize("name", ["v3_groups_mtp", "v2_softmax_groups", "llama_gqa"])
+@pytest.mark.parametrize("name", ["v3_groups_mtp", "v2_softmax_groups", "v3_dense_mla", "llama_gqa"])
 def test_from_hf_round_trip_is_exact(name, tmp_path):
     model, cfg = make_model(name)
     to_hf(model, cfg, tmp_path)
