@@ -10,7 +10,10 @@ Conventions (the table and the JSON say the same):
   ``mtp_params`` are the MTP modules' *unique* parameters, i.e. without the embedding and output head
   they share with the main model (DeepSeek's "11.5B unique MTP parameters" for V3).
   ``active_params`` (per token) follow the papers: every non-expert parameter of the main model except
-  the input-embedding lookup, the output head included, plus ``top_k / n_routed`` of the routed experts.
+  the input-embedding lookup, the output head included, plus ``top_k / n_routed`` of the routed experts
+  (V3: 36.6B, DeepSeek's README_WEIGHTS figure "including 0.9B for the output head"). ``mtp_active_params``
+  counts the shared head once per depth, as DeepSeek does ("1.5B including 0.9B for the output head";
+  ours is 1.6B: DeepSeek's figure seems to leave out the 0.1B ``eh_proj``).
 * **FLOPs per token** follow Megatron-LM's ``num_floating_point_operations`` (training.py): 2 FLOPs per
   multiply-add, every GEMM run 3 times (forward, data gradient, weight gradient), causal attention counted
   as half the ``s x s`` score and value products, the logits GEMM counted, the embedding lookup, norms and
@@ -152,10 +155,10 @@ def _model_available() -> bool:
 def inventory(m: ModelConfig, source: str = "meta") -> tuple[Inventory, str]:
     """(inventory, source actually used). ``meta`` falls back to ``analytic`` only while the model
     package has no ``build_model``; any other error in the model propagates."""
-    if source == "meta" and _model_available():
-        return meta_inventory(m), "meta"
     if source not in ("meta", "analytic"):
         raise ValueError(f"source={source!r}: use meta or analytic")
+    if source == "meta" and _model_available():
+        return meta_inventory(m), "meta"
     return analytic_inventory(m), "analytic"
 
 
@@ -171,11 +174,12 @@ def summarize(m: ModelConfig, inv: Inventory) -> dict:
     embed = inv.get(("embed", "tp"), 0)
     head = inv.get(("head", "tp"), 0)
     tied_head = embed if m.tie_word_embeddings else 0                 # a tied head is used as a GEMM too
+    depth = m.num_nextn_predict_layers
     return {
         "total_params": sum(main.values()),
         "active_params": int(round(active(main))) + tied_head,
         "mtp_params": sum(mtp.values()),
-        "mtp_active_params": int(round(active(mtp))),
+        "mtp_active_params": int(round(active(mtp))) + depth * (head or embed),  # each depth runs the shared head
         "total_params_with_mtp": sum(inv.values()),
         "embedding_params": embed,
         "head_params": head,
@@ -186,8 +190,9 @@ def summarize(m: ModelConfig, inv: Inventory) -> dict:
 def count_params(model_cfg: ModelConfig, source: str = "meta") -> dict:
     """Parameter counts of ``model_cfg``: ``total_params`` (main model), ``active_params`` (per token,
     input embedding excluded, head included), ``mtp_params`` (unique MTP parameters, shared
-    embedding/head excluded), ``mtp_active_params``, ``total_params_with_mtp``, ``embedding_params``,
-    ``head_params``, ``routed_expert_params`` and ``param_source`` (meta or analytic)."""
+    embedding/head excluded), ``mtp_active_params`` (per token, the shared head included once per depth),
+    ``total_params_with_mtp``, ``embedding_params``, ``head_params``, ``routed_expert_params`` and
+    ``param_source`` (meta or analytic)."""
     inv, used = inventory(model_cfg, source)
     return {**summarize(model_cfg, inv), "param_source": used}
 
@@ -432,7 +437,7 @@ def format_table(info: dict) -> str:
         ("  routed experts", _fmt_count(info["routed_expert_params"])),
         ("activated per token (no input embedding)", _fmt_count(info["active_params"])),
         ("MTP parameters (unique; shared embed/head excluded)", _fmt_count(info["mtp_params"])),
-        ("MTP activated per token", _fmt_count(info["mtp_active_params"])),
+        ("MTP activated per token (with the shared head)", _fmt_count(info["mtp_active_params"])),
         (f"training GFLOP/token @ seq {info['seq_length']} (3x fwd, causal)", f"{info['flops_per_token'] / 1e9:,.2f}"),
         ("  main model", f"{info['flops_per_token_main'] / 1e9:,.2f}"),
         ("  MTP", f"{info['mtp_flops_per_token'] / 1e9:,.2f}"),

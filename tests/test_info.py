@@ -47,6 +47,9 @@ def test_published_sizes(preset):
         # embedding and 0.9B output head"; ours counts the same (unique) way.
         assert abs(c["mtp_params"] / 11.5e9 - 1) < 0.02, c
         assert abs(c["embedding_params"] / 0.9e9 - 1) < 0.05 and c["head_params"] == c["embedding_params"]
+        # README_WEIGHTS: "Activation parameters: 36.6B (including 0.9B for the output head)" -- the
+        # convention of active_params (input embedding excluded, head included), to the rounding.
+        assert abs(c["active_params"] / 36.6e9 - 1) < 0.002, c
     else:
         assert c["mtp_params"] == 0
 
@@ -89,7 +92,7 @@ def test_flops_are_six_times_gemm_params_plus_causal_attention(preset, overrides
     assert f["main"] == pytest.approx(6 * gemm + 6 * m.num_hidden_layers * _core_attention_macs(m, seq), rel=1e-12)
     D = m.num_nextn_predict_layers
     mtp_moe = int(m.is_moe and m.num_hidden_layers - 1 >= m.first_k_dense_replace)
-    mtp_gemm = c["mtp_active_params"] - D * _non_gemm_params(m, 1, mtp_moe) + D * m.vocab_size * m.hidden_size
+    mtp_gemm = c["mtp_active_params"] - D * _non_gemm_params(m, 1, mtp_moe)  # includes the shared head
     assert f["mtp"] == pytest.approx(6 * mtp_gemm + 6 * D * _core_attention_macs(m, seq), rel=1e-12)
     assert flops_per_token(m, seq) == f["main"] + f["mtp"] and flops_per_token(m, seq, include_mtp=False) == f["main"]
 
