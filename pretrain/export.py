@@ -244,7 +244,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     kw.update(attention="mla", n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
               scoring_func="sigmoid" if kind == "deepseek_v3" else "softmax")
     if kw.get("first_k_dense_replace", 0) >= kw["num_hidden_layers"]:
-        kw.update(n_routed_experts=0, first_k_dense_replace=0)  # a dense MLA model
+        kw.update(n_routed_experts=0, first_k_dense_replace=0)  # a dense MLA model: routing keys stay default
+        for k in ("scoring_func", "n_group", "topk_group", "num_experts_per_tok"):
+            kw.pop(k, None)
     if kind == "deepseek_v2" and hf.get("topk_method", "greedy") == "greedy":
         kw.update(n_group=1, topk_group=1)
     return ModelConfig(**kw)
