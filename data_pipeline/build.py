@@ -249,9 +249,11 @@ def _manifest(files, tok, dtype, shards, counts, fim_rate, seed, text_key, shard
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=__doc__.split("\n")[0],
+                                     fromfile_prefix_chars="@")
     parser.add_argument("--input", nargs="+", required=True,
-                        help="files: .jsonl[.gz|.zst], .parquet, anything else = one text document per file")
+                        help="files: .jsonl[.gz|.zst], .parquet, anything else = one text document per file; "
+                             "@LIST reads arguments from a file, one a line")
     parser.add_argument("--tokenizer", required=True, help="sentencepiece PATH.model")
     parser.add_argument("--output", required=True, help="output directory (shards + manifest.json)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))

@@ -195,8 +195,10 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, text_key: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="files (.jsonl[.gz|.zst], .parquet, text)")
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer", description=__doc__.split("\n")[0],
+                                     fromfile_prefix_chars="@")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="files (.jsonl[.gz|.zst], .parquet, text); @LIST reads arguments from a file, one a line")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="PATH.model to write")
     parser.add_argument("--text-key", default="text", help="JSON/parquet field holding the text")

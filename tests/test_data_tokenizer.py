@@ -11,7 +11,8 @@ from data_pipeline.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, load_tokenizer
 
 def test_cli_trains_a_loadable_model(tmp_path):
     out = tmp_path / "t.model"
-    res = run_cli("data_pipeline.tokenizer", "--input", *stdlib_files(15), "--vocab-size", "600",
+    (tmp_path / "list.txt").write_text("\n".join(stdlib_files(15)) + "\n")  # @LIST: argparse reads args from it
+    res = run_cli("data_pipeline.tokenizer", "--input", f"@{tmp_path / 'list.txt'}", "--vocab-size", "600",
                   "--output", str(out), "--num-threads", "1")
     assert res.returncode == 0, res.stderr
     tok = load_tokenizer(str(out))
