@@ -243,7 +243,7 @@ def _manifest(files, tok, dtype, shards, counts, fim_rate, seed, text_key, shard
         "fim_documents": counts["fim_documents"],
         "seed": seed,
         "text_key": text_key,
-        "input_bytes": counts["bytes"],
+        "valid_record_bytes": counts["bytes"],  # raw bytes of the kept records (JSON lines, files)
         "inputs": [f.path for f in files],
     }
 

@@ -250,3 +250,13 @@ def test_bin_idx_mismatch_is_caught(tmp_path):
     (tmp_path / "s.bin").write_bytes(b"\0" * 12)  # 6 tokens, the index says 7
     with pytest.raises(DataError, match="mismatched or truncated"):
         check_shard(str(tmp_path / "s"))
+
+
+def test_corrupt_compressed_input_is_one_line(tmp_path):
+    (tmp_path / "x.jsonl.gz").write_bytes(b"this is not gzip data")
+    res = run_cli("data_pipeline.build", "--input", str(tmp_path / "x.jsonl.gz"), "--tokenizer", trained_tokenizer(),
+                  "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: cannot read {tmp_path / 'x.jsonl.gz'}: "
+                                               f"BadGzipFile: Not a gzipped file (b'th')"]
+    assert os.listdir(tmp_path / "out") == []
