@@ -32,7 +32,7 @@ from torch import nn
 
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+                                           set_tensor_model_parallel_attributes, vocab_parallel_cross_entropy)
 from megatron.core.parallel_state import get_tensor_model_parallel_group
 
 from pretrain.model.attention import Attention, MLAttention
@@ -46,9 +46,15 @@ def _model_parallel_config(tp: int, dtype: torch.dtype):
                                gradient_accumulation_fusion=False)
 
 
-def _plain_state(module: nn.Module) -> None:
-    """Drop megatron-core's empty ``_extra_state`` entries so state dicts keep the single-process keys."""
-    module._load_state_dict_pre_hooks.clear()
+def _finish(layer: nn.Module, partition_dim: int) -> None:
+    """Mark the weight as TP-sharded and drop megatron-core's empty ``_extra_state`` state-dict entries.
+
+    megatron-core sets ``tensor_model_parallel`` only when it initialises the weights itself (we copy them);
+    DeepSpeed's gradient norm counts a parameter without it on TP rank 0 only, as if it were replicated.
+    """
+    if not hasattr(layer.weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(layer.weight, True, partition_dim, 1)
+    layer._load_state_dict_pre_hooks.clear()
 
 
 class ColumnParallel(ColumnParallelLinear):
@@ -78,7 +84,7 @@ def _shard(full: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
 def _column(linear: nn.Linear, topo, config, gather_output: bool = False) -> nn.Module:
     layer = ColumnParallel(linear.in_features, linear.out_features, config=config, init_method=None,
                            bias=linear.bias is not None, gather_output=gather_output, skip_bias_add=False)
-    _plain_state(layer)
+    _finish(layer, 0)
     with torch.no_grad():
         layer.weight.copy_(_shard(linear.weight, 0, topo.tp_rank, topo.tp))
         if linear.bias is not None:
@@ -89,7 +95,7 @@ def _column(linear: nn.Linear, topo, config, gather_output: bool = False) -> nn.
 def _row(linear: nn.Linear, topo, config) -> nn.Module:
     layer = RowParallel(linear.in_features, linear.out_features, config=config, init_method=None,
                         bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False)
-    _plain_state(layer)
+    _finish(layer, 1)
     with torch.no_grad():
         layer.weight.copy_(_shard(linear.weight, 1, topo.tp_rank, topo.tp))
         if linear.bias is not None:
@@ -100,6 +106,7 @@ def _row(linear: nn.Linear, topo, config) -> nn.Module:
 def _embedding(embedding: nn.Embedding, topo, config) -> nn.Module:
     layer = VocabParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim, init_method=None,
                                    config=config)
+    _finish(layer, 0)
     with torch.no_grad():
         layer.weight.copy_(_shard(embedding.weight, 0, topo.tp_rank, topo.tp))
     return layer.to(embedding.weight.device)
