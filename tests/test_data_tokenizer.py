@@ -32,6 +32,7 @@ def test_round_trip_is_lossless_and_specials_cannot_be_injected():
         "\tdef f(x):\n\t\treturn x  # trailing  \n\n\n",
         "  leading spaces, unicode é ß 東京 😀, CRLF\r\nend",
         "literal specials: <eos> <bos> <pad> <|fim_begin|> <|fim_hole|> <|fim_end|>",
+        "control and odd characters: \x00\x01 a\u200b\ufeffb\r c \U0010ffff \u0301e",
     ]
     specials = {tok.bos_id, tok.eos_id, tok.pad_id, *tok.fim_ids}
     for text in samples:
