@@ -15,8 +15,8 @@
 # exec), while the training processes install their own handler (pretrain.preemption). So SIGUSR1 sent to the
 # whole process group or slurm job step (`kill -USR1 -PGID`, `scancel --signal=USR1 JOBID`) reaches only the
 # trainers: they checkpoint at the next step boundary and exit 0, and so does the launcher. SIGTERM also makes
-# the trainers checkpoint, but the launchers react to it themselves (forward it, wait ~30 s, then kill) and exit
-# non-zero.
+# the trainers checkpoint, but the launchers react to it themselves: torchrun forwards it, kills after 30 s and
+# exits 1; the single-node `deepspeed` command just dies and leaves its children running (signal the group).
 trap '' USR1
 
 PASSTHROUGH_VARS="NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG
