@@ -62,10 +62,10 @@ def cached_tokenizer(files: list[str], vocab_size: int) -> str:
     return path
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the builder joins its workers)."""
+def cpu_seconds(children: bool = True) -> float:
+    """CPU time of this process and (``children``) its finished children (the builder joins its workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime + (kids.ru_utime + kids.ru_stime if children else 0.0)
 
 
 def bench_raw(files: list[str], model: str, segmented: bool) -> tuple[float, float, int, int]:
@@ -82,9 +82,10 @@ def bench_raw(files: list[str], model: str, segmented: bool) -> tuple[float, flo
 def bench_build(files: list[str], model: str, workers: int) -> tuple[float, float, int, dict]:
     out = os.path.join(CACHE, f"shards_w{workers}")
     shutil.rmtree(out, ignore_errors=True)
-    start, cpu = time.perf_counter(), cpu_seconds()
+    start, cpu, main_cpu = time.perf_counter(), cpu_seconds(), cpu_seconds(children=False)
     manifest = build(files, model, out, workers=workers, progress=False)
     elapsed = time.perf_counter() - start
+    manifest["main_cpu_s"] = cpu_seconds(children=False) - main_cpu  # reading, IPC, writing
     shutil.rmtree(out, ignore_errors=True)
     return elapsed, cpu_seconds() - cpu, manifest["tokens"], manifest
 
@@ -107,11 +108,13 @@ def main() -> None:
     assert seg_tokens == raw_tokens
     rows.append(("raw, newline-segmented (1 proc)", seg_s, seg_cpu, seg_tokens))
     best_raw = min(raw_s, seg_s)
+    main_cpu = {}
     for workers in args.workers:
         elapsed, cpu, tokens, manifest = bench_build(files, model, workers)
         # the builder adds one <eos> per document; everything else must match the raw run
         assert tokens == raw_tokens + manifest["documents"], (tokens, raw_tokens, manifest["documents"])
         rows.append((f"build --workers {workers}", elapsed, cpu, tokens))
+        main_cpu[workers] = manifest["main_cpu_s"]
 
     print(f"\n{nbytes / 1e6:.1f} MB, {raw_tokens:,} tokens ({nbytes / raw_tokens:.2f} bytes/token); "
           f"'x raw' is against the faster raw row\n")
@@ -123,6 +126,9 @@ def main() -> None:
         vs_one = f"{one_worker / seconds:.2f}" if one_worker and name.startswith("build") else ""
         print(f"| {name:32} | {seconds:7.2f} | {cpu:6.2f} | {tokens / seconds / 1e6:7.3f} | "
               f"{nbytes / seconds / 1e6:5.2f} | {tokens / cpu / 1e6:11.3f} | {best_raw / seconds:5.2f} | {vs_one:>10} |")
+    for workers, seconds in main_cpu.items():
+        print(f"build --workers {workers}: the main process used {seconds:.2f} CPU s (reading, IPC, writing); "
+              f"the rest is the workers'")
     print(f"\nload average after: {os.getloadavg()[0]:.1f} (the ratios are only meaningful on idle cores)")
 
 
