@@ -143,7 +143,10 @@ def setup(cfg: Config) -> Run:
     device = init_distributed(local_rank)
     if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
         initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
-    engine = build_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
+    make_engine = build_engine
+    if topo.pp > 1:  # DeepSpeed PipelineModule stages trained with 1F1B train_batch (parallel.pipeline)
+        from parallel.pipeline import build_pipeline_engine as make_engine
+    engine = make_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
     state = resume(engine, cfg)
     if state.step == 0:  # on resume the checkpoint restored every rank's RNG state instead
         seed_rank(cfg.train.seed, rank)
@@ -172,21 +175,17 @@ def _dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
     return tensor
 
 
-def train_step(run: Run, step: int) -> StepResult:
-    """One optimizer step over this rank's share of the global batch; updates ``run.state``."""
+def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: float):
+    """Forward/backward over this rank's micro-batches, optimizer step, expert-bias update.
+
+    Returns ((loss, lm_loss, mtp_loss, seq_aux_loss) averaged over micro-batches and data-parallel ranks,
+    expert load (L, E) summed over both).
+    """
     from pretrain.model import update_expert_bias
 
-    cfg, engine, st = run.cfg, run.engine, run.state
-    global_batch = global_batch_at(st.tokens_seen, cfg)
-    if global_batch != engine.train_batch_size():  # batch-size ramp-up: DeepSpeed changes the accumulation steps
-        engine.set_train_batch_size(global_batch)
-    lr = lr_at(step, st.tokens_seen, cfg)
-    mtp_weight, gamma = loss_weights_at(st.tokens_seen, cfg)
-    set_lr(engine, lr)
-    start = time.perf_counter()
+    cfg, engine = run.cfg, run.engine
     sums = torch.zeros(4, device=run.device)  # loss, lm_loss, mtp_loss, seq_aux_loss summed over micro-batches
     load = None
-    micro_batches = run.stream.next_batch(global_batch)
     for tokens in micro_batches:
         tokens = tokens.to(run.device)  # (mb, seq + 1)
         out = engine(tokens[:, :-1], labels=tokens[:, 1:])
@@ -199,16 +198,35 @@ def train_step(run: Run, step: int) -> StepResult:
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
     # Loss for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
     # replica applies the same bias update.
-    sums = _dp_sum(sums, run.topo) / (len(micro_batches) * run.topo.dp_size)
+    means = _dp_sum(sums, run.topo) / (len(micro_batches) * run.topo.dp_size)
     load = _dp_sum(load, run.topo)
     if load.numel():
         update_expert_bias(engine.module, load, gamma)
+    return means, load
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step over this rank's share of the global batch; updates ``run.state``."""
+    cfg, engine, st = run.cfg, run.engine, run.state
+    global_batch = global_batch_at(st.tokens_seen, cfg)
+    if global_batch != engine.train_batch_size():  # batch-size ramp-up: DeepSpeed changes the accumulation steps
+        engine.set_train_batch_size(global_batch)
+    lr = lr_at(step, st.tokens_seen, cfg)
+    mtp_weight, gamma = loss_weights_at(st.tokens_seen, cfg)
+    set_lr(engine, lr)
+    start = time.perf_counter()
+    micro_batches = run.stream.next_batch(global_batch)
+    if run.topo.pp > 1:  # every stage draws the batch; the first and last stages read it
+        from parallel.pipeline import pipeline_train_batch
+        means, load = pipeline_train_batch(engine, micro_batches, mtp_weight, gamma, run.device)
+    else:
+        means, load = _forward_backward(run, micro_batches, mtp_weight, gamma)
     st.step, st.consumed_samples = step, run.stream.consumed_samples
     st.tokens_seen += global_batch * cfg.data.seq_length
     run.schedule_state = {"lr": lr, "mtp_weight": mtp_weight, "bias_update_speed": gamma,
                           "global_batch_size": global_batch}
     grad_norm = engine.get_global_grad_norm()
-    loss, lm_loss, mtp_loss, seq_aux = sums.tolist()
+    loss, lm_loss, mtp_loss, seq_aux = means.tolist()
     return StepResult(loss, lm_loss, mtp_loss, seq_aux, lr, float("nan") if grad_norm is None else float(grad_norm),
                       global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu())
 
@@ -223,9 +241,13 @@ def maybe_eval(run: Run, step: int) -> float | None:
     t = run.cfg.train
     if run.eval_dataset is None or step % t.eval_interval:
         return None
+    stream = SampleStream(run.eval_dataset, run.topo.dp_rank, run.topo.dp_size, t.micro_batch_size)
+    if run.topo.pp > 1:
+        from parallel.pipeline import pipeline_eval_loss
+        return pipeline_eval_loss(run.engine, stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size),
+                                  run.device)
     model = run.engine.module
     model.eval()
-    stream = SampleStream(run.eval_dataset, run.topo.dp_rank, run.topo.dp_size, t.micro_batch_size)
     total = torch.zeros(1, device=run.device)
     for tokens in stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size):
         tokens = tokens.to(run.device)
