@@ -187,8 +187,10 @@ def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:
 
     DeepSpeed decides ``has_moe_layers`` by ``isinstance(module, MoE)`` (``runtime/engine.py``); only then
     does it build 'moe' optimizer groups and reduce ``allreduce=False`` parameters over the expert-data-parallel
-    group. The marker owns no state, so DeepSpeed's per-expert checkpoint files stay empty and the experts
-    remain in the module state dict under their usual names.
+    group. The marker owns no state and declares no local experts, so DeepSpeed writes and expects no per-expert
+    checkpoint files; the experts stay in the module state dict under their usual names. That file is written by
+    data-parallel rank 0 only (it holds EP rank 0's experts): after ``engine.load_checkpoint`` call
+    ``engine.optimizer.update_lp_params()`` so every rank takes its own experts back from its ZeRO fp32 partition.
     """
     from deepspeed.moe.layer import MoE
 
@@ -196,7 +198,9 @@ def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:
         def __init__(self):
             nn.Module.__init__(self)  # skip MoE.__init__: it would build its own gate, experts and groups
             self.num_experts, self.ep_size = num_experts, ep_size
-            self.num_local_experts = num_experts // ep_size
+            # Zero: DeepSpeed's per-expert checkpoint files assume its own module layout; with none declared it
+            # neither writes nor expects them. Each rank's experts are restored from its ZeRO fp32 partition.
+            self.num_local_experts = 0
             self.expert_group_name = f"ep_size_{ep_size}"
             self.enable_expert_tensor_parallelism = False
 
