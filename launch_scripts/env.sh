@@ -23,9 +23,10 @@ PASSTHROUGH_VARS="NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISA
 TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC DEEPSPEED_TIMEOUT TORCH_DISTRIBUTED_DEBUG
 OMP_NUM_THREADS PYTHONPATH"
 
-# GPUs on this node, else 2 processes on a CPU.
+# The GPUs this job may use (CUDA_VISIBLE_DEVICES if set, else all on the node), else 2 processes on a CPU.
 default_nproc() {
     local n=0
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .; return; fi
     if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
     if [ "${n:-0}" -gt 0 ]; then echo "$n"; else echo 2; fi
 }

@@ -4,7 +4,8 @@
 #   CONFIG=small-moe launch_scripts/pretrain.sh train.steps=100 data.paths=[data/shards]
 #
 #   LAUNCHER        deepspeed (default) or torchrun
-#   NPROC_PER_NODE  processes on this node (default: the GPUs present, else 2 on a CPU)
+#   NPROC_PER_NODE  processes on this node (default: the GPUs present, else 2 on a CPU); with the deepspeed
+#                   launcher and CUDA_VISIBLE_DEVICES set, one process per visible GPU instead
 #   CONFIG          preset name or YAML path (default: tiny)
 #   MASTER_PORT     rendezvous port (default 29500)
 #   arguments       config overrides, section.key=value
@@ -19,8 +20,15 @@ MASTER_PORT=${MASTER_PORT:-29500}
 
 case "$LAUNCHER" in
     deepspeed)
-        # --num_gpus also sets the process count on a CPU (DeepSpeed's CPU accelerator); LOCAL_RANK is in the env.
-        run deepspeed --num_gpus "$NPROC_PER_NODE" --master_port "$MASTER_PORT" --no_local_rank \
+        # --num_gpus also sets the process count on a CPU (DeepSpeed's CPU accelerator). With --num_gpus DeepSpeed
+        # would drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1, so a restricted set is passed as --include.
+        if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+            DEVICES=(--include "localhost:$CUDA_VISIBLE_DEVICES")
+        else
+            DEVICES=(--num_gpus "$NPROC_PER_NODE")
+        fi
+        # LOCAL_RANK is in the environment: no --local_rank argument.
+        run deepspeed "${DEVICES[@]}" --master_port "$MASTER_PORT" --no_local_rank \
             --module pretrain.train --config "$CONFIG" "$@" ;;
     torchrun)
         run torchrun --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" --master_addr 127.0.0.1 \
