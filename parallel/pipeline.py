@@ -334,8 +334,9 @@ def build_pipeline_engine(model: nn.Module, cfg: Config, topo, global_batch_size
     # No activation partitioning over TP: the activation tuple holds several tensors that need gradients.
     ds_config = deep_merge({"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}},
                            deepspeed_config(cfg, topo.dp_size, global_batch_size))
-    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config,
-                                           model_parameters=param_groups(module, cfg.optim.weight_decay))
+    # Named groups: DeepSpeed's MoE support splits expert parameters out of each group by its name.
+    groups = [{"name": f"group{i}", **g} for i, g in enumerate(param_groups(module, cfg.optim.weight_decay))]
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
     keep_router_bias_fp32(engine.module)
     return engine
 

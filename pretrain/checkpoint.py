@@ -195,7 +195,11 @@ def load_model_from_checkpoint(path: str | os.PathLike):
     run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(run_dir / tag / "config.yaml")
     model = build_model(cfg.model)
-    state = consolidated_state_dict(run_dir, tag)
+    from parallel.pipeline import gather_pipeline_state_dict, is_pipeline_checkpoint
+    if is_pipeline_checkpoint(run_dir / tag):  # parallel.pp > 1: per-layer files, TP and expert shards merged
+        state = gather_pipeline_state_dict(run_dir / tag, model)
+    else:
+        state = consolidated_state_dict(run_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = set(model.state_dict())
     missing = [k for k in missing if k in persistent]

@@ -88,6 +88,10 @@ def resolve_tokenizer(cfg: Config) -> str | None:
     if not manifest.is_file():
         return None
     entry = json.loads(manifest.read_text()).get("tokenizer")
+    vocab = entry.get("vocab_size", 0) if isinstance(entry, dict) else 0
+    if vocab > cfg.model.vocab_size:  # token ids would index past the embedding
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the tokenizer "
+                          f"({vocab}) the shards in {manifest.parent} were built with; set model.vocab_size={vocab}")
     path = entry.get("path") if isinstance(entry, dict) else entry
     return path if path and Path(path).is_file() else None
 
@@ -134,6 +138,9 @@ def setup(cfg: Config) -> Run:
     # Everything a user can get wrong is checked before any process group work.
     topo = Topology.from_config(cfg, world_size, rank)
     validate_schedule(cfg, topo.dp_size)
+    if topo.pp > 1:
+        from parallel.pipeline import check_pipeline_layout
+        check_pipeline_layout(cfg)
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: give shard directories or prefixes built by data_pipeline.build")
     check_data_paths(cfg.data.paths, "data.paths")

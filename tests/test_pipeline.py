@@ -1,0 +1,110 @@
+"""Pipeline parallelism end to end: ``python -m pretrain.train`` with ``parallel.pp=2`` (DeepSpeed PipelineModule,
+1F1B ``train_batch``) on the tiny preset (MLA + MoE + MTP, fp32, clipping active) gives the single-process losses
+and gradient norms (relative difference < 1e-4) in the layouts pp2, pp2 dp2 ep2 and tp2 pp2; export from the
+tp2 pp2 run matches the single-process export's logits in transformers; resuming in the pp2 layout is exact.
+
+The launcher helper and the single-process reference come from ``test_parallel_layouts``.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_parallel_layouts import STEPS, data_dir, reference, train  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_matches(reference, got, layout):
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert max(r["grad_norm"] for r in reference) > 1.0  # clipping (optim.grad_clip = 1) is active
+    for want, have in zip(reference, got):
+        for key in ("loss", "lm_loss", "mtp_loss", "seq_aux_loss", "grad_norm"):
+            assert abs(have[key] - want[key]) <= 1e-4 * abs(want[key]), (layout, want["step"], key, want, have)
+
+
+@pytest.fixture(scope="module")
+def pp2_run(data_dir, tmp_path_factory):  # noqa: F811
+    """pp2, stages balanced by parameters: (embedding, dense layer, MoE layer) | (MTP embedding, head, MTP)."""
+    out = tmp_path_factory.mktemp("pp2") / "run"
+    return out, train(out, data_dir, 2, "parallel.pp=2")
+
+
+def test_pp2_equals_single_process(reference, pp2_run):  # noqa: F811
+    _assert_matches(reference, pp2_run[1], "pp2")
+
+
+def test_pp2_dp2_ep2_equals_single_process(reference, data_dir, tmp_path):  # noqa: F811
+    _assert_matches(reference, train(tmp_path / "run", data_dir, 4, "parallel.pp=2", "parallel.ep=2"), "pp2-dp2-ep2")
+
+
+def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, data_dir, tmp_path,  # noqa: F811
+                                                                  tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.checkpoint import load_model_from_checkpoint
+    run = tmp_path / "tp2pp2"
+    # An explicit layout: one transformer layer per stage (parameter balancing would put both on stage 0).
+    _assert_matches(reference, train(run, data_dir, 4, "parallel.tp=2", "parallel.pp=2",
+                                     "parallel.pipeline_layout=[1,1]"), "tp2-pp2")
+    ref_run = next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent  # the reference fixture's run
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for src in (ref_run, run):
+        out = tmp_path / f"hf_{src.parent.name}"
+        proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint", str(src), "--output", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with torch.no_grad():
+            logits.append(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    # The gathered weights are the trained ones: they differ from a fresh init (so the check above means something).
+    trained, cfg, _ = load_model_from_checkpoint(run)
+    torch.manual_seed(cfg.train.seed)
+    from pretrain.model import build_model
+    fresh = build_model(cfg.model)
+    assert not torch.equal(trained.layers[1].mlp.experts.gate_proj, fresh.layers[1].mlp.experts.gate_proj)
+
+
+def test_pp2_resume_is_exact(data_dir, pp2_run, tmp_path):  # noqa: F811
+    from parallel.pipeline import gather_pipeline_state_dict
+    from pretrain.checkpoint import load_model_from_checkpoint
+    out = tmp_path / "chunked"
+    train(out, data_dir, 2, "parallel.pp=2", "train.exit_at_step=2")
+    assert (out / "latest").read_text().strip() == "step_0000002"
+    assert train(out, data_dir, 2, "parallel.pp=2") == pp2_run[1]  # losses, grad norms, LR, tokens: bit for bit
+    model, _, _ = load_model_from_checkpoint(out)
+    a = gather_pipeline_state_dict(pp2_run[0] / "step_0000003", model)
+    b = gather_pipeline_state_dict(out / "step_0000003", model)
+    assert a.keys() == b.keys() and any(k.endswith("e_score_correction_bias") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("layout", [[1], [1, 2], [-1, 3], [1.5, 0.5], [0, 0, 2]])
+def test_bad_pipeline_layout_is_one_line(layout):
+    """Length and sum are checked when the config loads, the rest by parallel.pipeline (both before any group)."""
+    from parallel.pipeline import check_pipeline_layout
+    from pretrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"parallel.pipeline_layout=.*model.num_hidden_layers=2") as err:
+        check_pipeline_layout(load_config("tiny", [f"parallel.pp={max(len(layout), 2)}",
+                                                   f"parallel.pipeline_layout={layout}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_good_pipeline_layouts_pass():
+    from parallel.pipeline import check_pipeline_layout
+    from pretrain.config import load_config
+    for pp, layout in [(2, [1, 1]), (2, [0, 2]), (2, [2, 0]), (3, [0, 2, 0])]:
+        check_pipeline_layout(load_config("tiny", [f"parallel.pp={pp}", f"parallel.pipeline_layout={layout}"]))
+
+
+def test_merge_shards():
+    from parallel.pipeline import _merge
+    full = torch.arange(24.0).view(4, 6)
+    assert torch.equal(_merge("w", list(full.chunk(2, dim=1)), full.shape), full)  # row-parallel split
+    assert torch.equal(_merge("w", list(full.chunk(2, dim=0)), full.shape), full)  # column-parallel / experts
+    assert _merge("w", [full, full], full.shape) is full  # replicated: one copy
+    with pytest.raises(ValueError, match="w: 3 shards give"):
+        _merge("w", list(full.chunk(2, dim=0)) + [full[:2]], full.shape)
