@@ -14,7 +14,7 @@ from parallel.topology import DeepSpeedMPU, Topology, initialize_parallel
 
 
 def parallelize_model(model: nn.Module, topo: Topology, cfg=None) -> nn.Module:
-    """Apply tensor parallelism (tp > 1), then expert parallelism (ep > 1) to a built single-process model.
+    """Apply tensor parallelism (tp > 1), then expert parallelism (ep > 1 or a capacity factor) to a built model.
 
     The model must hold the full weights (the same on every rank: build it with the same seed); each rank
     keeps its slices. Identity when tp = ep = 1. Pipeline cutting is separate (``parallel.pipeline``).
@@ -22,9 +22,10 @@ def parallelize_model(model: nn.Module, topo: Topology, cfg=None) -> nn.Module:
     if topo.tp > 1:
         from parallel.tensor import apply_tensor_parallel
         model = apply_tensor_parallel(model, topo)
-    if topo.ep > 1:
+    capacity_factor = cfg.parallel.capacity_factor if cfg is not None else None
+    if topo.ep > 1 or capacity_factor is not None:  # capacity dropping lives in the dispatch, also without EP
         from parallel.expert import apply_expert_parallel
-        model = apply_expert_parallel(model, topo, capacity_factor=cfg.parallel.capacity_factor if cfg else None)
+        model = apply_expert_parallel(model, topo, capacity_factor)
     return model
 
 

@@ -49,7 +49,12 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """Differentiable all-to-all: rows ``x[sum(input_splits[:r]) ...]`` go to rank r; (sum(output_splits), ...)."""
+    """Differentiable all-to-all: rows ``x[sum(input_splits[:r]) ...]`` go to rank r; (sum(output_splits), ...).
+
+    ``group=None`` means no expert parallelism (one rank): the identity.
+    """
+    if group is None:
+        return x
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
@@ -99,10 +104,11 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     """Send each token copy to the EP rank owning its expert.
 
     x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K). Experts are split contiguously: EP rank r
-    owns experts [r * E_local, (r + 1) * E_local). Returns the received copies sorted by local expert (M, H),
+    owns experts [r * E_local, (r + 1) * E_local); ``group=None`` = one rank owning all (used for capacity dropping
+    without expert parallelism). Returns the received copies sorted by local expert (M, H),
     ``tokens_per_local_expert`` (E_local,) long summing to M, and the context for ``combine``.
     """
-    ep = dist.get_world_size(group)
+    ep = 1 if group is None else dist.get_world_size(group)
     num_local = num_experts // ep
     flat_idx, flat_weight = topk_idx.flatten(), topk_weight.flatten()  # (N*K,)
     num_dropped = 0
@@ -118,8 +124,10 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     token_index = order // topk_idx.shape[1]
 
     # Exchange counts: row r of recv_counts = copies rank r sends to each of my local experts.
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_counts = counts
+    if group is not None:
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
     recv_counts = recv_counts.view(ep, num_local)
     input_splits = counts.view(ep, num_local).sum(dim=1).tolist()
     output_splits = recv_counts.sum(dim=1).tolist()  # host sync: the split sizes must be known on the CPU
@@ -223,15 +231,17 @@ def mark_expert_params(module: nn.Module, group_name: str) -> None:
 def apply_expert_parallel(model: nn.Module, topo, capacity_factor: float | None = None) -> nn.Module:
     """Replace every ``GroupedExperts`` of ``model`` (main layers and MTP blocks) with its EP shard, in place.
 
-    Call after ``initialize_parallel(topo)`` and with the full weights identical on all ranks.
+    Call after ``initialize_parallel(topo)`` and with the full weights identical on all ranks. With ``topo.ep == 1``
+    (only useful with a ``capacity_factor``) every rank keeps all experts and nothing is communicated.
     """
+    group = topo.ep_group if topo.ep > 1 else None
     targets = [(name, m) for name, m in model.named_modules() if type(m) is GroupedExperts]
     for name, full in targets:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        sharded = ExpertParallelExperts(full, topo.ep_group, topo.ep_rank, topo.ep, capacity_factor)
-        mark_expert_params(sharded, topo.expert_group_name)
-        setattr(parent, child, sharded)
-    if targets:
+        sharded = ExpertParallelExperts(full, group, topo.ep_rank, topo.ep, capacity_factor)
+        if topo.ep > 1:
+            mark_expert_params(sharded, topo.expert_group_name)
+        setattr(model.get_submodule(parent_name), child, sharded)
+    if targets and topo.ep > 1:
         model.ds_moe_marker = _deepspeed_marker(targets[0][1].num_experts, topo.ep)
     return model

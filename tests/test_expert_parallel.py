@@ -4,7 +4,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from parallel import Topology, initialize_parallel
+from parallel import Topology, initialize_parallel, parallelize_model
 from parallel.expert import (ExpertParallelExperts, _keep_within_capacity, all_to_all, apply_expert_parallel,
                              combine, dispatch)
 from parallel.testing import run_distributed
@@ -22,6 +22,25 @@ def test_capacity_keeps_the_highest_weight_copies_per_expert():
     keep = _keep_within_capacity(flat_idx, weight, num_experts=3, capacity_factor=1.0)
     assert keep.tolist() == [False, True, False, True, True, True]
     assert _keep_within_capacity(flat_idx, weight, 3, capacity_factor=2.0).all()
+
+
+def test_capacity_without_expert_parallelism_single_process():
+    cfg = load_config("tiny", ["parallel.capacity_factor=0.5"])
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    model = parallelize_model(copy.deepcopy(ref), Topology.from_config(cfg, 1), cfg)
+    experts = model.layers[1].mlp.experts
+    assert isinstance(experts, ExpertParallelExperts) and experts.num_experts == 8
+    x, w = torch.randn(12, 64), torch.rand(12, 2)
+    idx = torch.stack([torch.arange(12) % 2, torch.full((12,), 5)], dim=1)  # experts 0, 1 and 5
+    # capacity = ceil(0.5 * 24 / 8) = 2 copies per expert: 6 of 24 kept
+    keep = _keep_within_capacity(idx.flatten(), w.flatten(), 8, 0.5).view(12, 2)
+    assert int(keep.sum()) == 6
+    want = ref.layers[1].mlp.experts(x, idx, w * keep)  # dropped copies weigh nothing
+    torch.testing.assert_close(experts(x, idx, w), want)
+    assert int(experts.num_dropped) == 18
+    experts.capacity_factor = None  # dropless: the plain layer
+    torch.testing.assert_close(experts(x, idx, w), ref.layers[1].mlp.experts(x, idx, w))
 
 
 def _splits(src, dst):
