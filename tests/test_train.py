@@ -130,8 +130,9 @@ def test_resume_reproduces_uninterrupted_run(shards, reference_run, tmp_path):
     assert (out / "latest").read_text().strip() == "step_0000002" and len(losses(out)) == 2
     state = json.loads((out / "step_0000002" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["consumed_samples"] == 8 and state["tokens_seen"] == TOKENS[1]
-    train(out, *data)
+    train(out, *data, "train.save_interval=1", "train.keep_last=2")  # checkpointing does not change numbers
     assert losses(out) == losses(reference_run)  # exact: losses, LR, grad norms, eval loss, tokens
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_0000003", "step_0000004"]  # keep_last
     a, b = module_states(reference_run / "step_0000004"), module_states(out / "step_0000004")
     assert a.keys() == b.keys()
     for name in a:
