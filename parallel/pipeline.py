@@ -338,7 +338,30 @@ def build_pipeline_engine(model: nn.Module, cfg: Config, topo, global_batch_size
     groups = [{"name": f"group{i}", **g} for i, g in enumerate(param_groups(module, cfg.optim.weight_decay))]
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
     keep_router_bias_fp32(engine.module)
+    if engine.has_moe_layers:
+        _checkpoint_through_layer_files(engine)
     return engine
+
+
+def _checkpoint_through_layer_files(engine) -> None:
+    """Save and load a pipeline with experts through ``DeepSeekPipeline``'s layer files.
+
+    With MoE layers DeepSpeed's PipelineEngine takes its MoE checkpoint path, which skips the pipeline's layer
+    files and stores the module from data-parallel rank 0 only: every EP rank would resume with EP rank 0's
+    experts (silently). ``has_moe_layers`` matters after initialisation only for checkpoints (the ZeRO optimizer
+    keeps its own MoE groups), so it is switched off around them and the plain pipeline path runs.
+    """
+    def without_moe_path(method):
+        def run(*args, **kwargs):
+            engine.has_moe_layers = False
+            try:
+                return method(*args, **kwargs)
+            finally:
+                engine.has_moe_layers = True
+        return run
+
+    engine.save_checkpoint = without_moe_path(engine.save_checkpoint)
+    engine.load_checkpoint = without_moe_path(engine.load_checkpoint)
 
 
 def pipeline_train_batch(engine, micro_batches: list, mtp_weight: float, gamma: float, device):

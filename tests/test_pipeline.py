@@ -1,7 +1,8 @@
 """Pipeline parallelism end to end: ``python -m pretrain.train`` with ``parallel.pp=2`` (DeepSpeed PipelineModule,
 1F1B ``train_batch``) on the tiny preset (MLA + MoE + MTP, fp32, clipping active) gives the single-process losses
-and gradient norms (relative difference < 1e-4) in the layouts pp2, pp2 dp2 ep2 and tp2 pp2; export from the
-tp2 pp2 run matches the single-process export's logits in transformers; resuming in the pp2 layout is exact.
+and gradient norms (relative difference < 1e-4) in the layouts pp2, pp2 dp2 ep2 (across a resume) and tp2 pp2;
+export from the tp2 pp2 run matches the single-process export's logits in transformers; resuming in the pp2
+layout is exact.
 
 The launcher helper and the single-process reference come from ``test_parallel_layouts``.
 """
@@ -35,8 +36,24 @@ def test_pp2_equals_single_process(reference, pp2_run):  # noqa: F811
     _assert_matches(reference, pp2_run[1], "pp2")
 
 
-def test_pp2_dp2_ep2_equals_single_process(reference, data_dir, tmp_path):  # noqa: F811
-    _assert_matches(reference, train(tmp_path / "run", data_dir, 4, "parallel.pp=2", "parallel.ep=2"), "pp2-dp2-ep2")
+def _reference_dir(tmp_path_factory):
+    """The run directory of ``test_parallel_layouts.reference`` (it returns only the metrics)."""
+    return next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent
+
+
+def test_pp2_dp2_ep2_equals_single_process_across_a_resume(reference, data_dir, tmp_path,  # noqa: F811
+                                                           tmp_path_factory):
+    """Stopped at step 2 and resumed: each EP rank must get its own experts back (DeepSpeed's MoE checkpoint
+    path would hand every rank EP rank 0's); the gathered checkpoint equals the single-process weights."""
+    from pretrain.checkpoint import load_model_from_checkpoint
+    layout = ["parallel.pp=2", "parallel.ep=2"]
+    train(tmp_path / "run", data_dir, 4, *layout, "train.exit_at_step=2")
+    _assert_matches(reference, train(tmp_path / "run", data_dir, 4, *layout), "pp2-dp2-ep2")
+    ours = load_model_from_checkpoint(tmp_path / "run")[0].state_dict()
+    want = load_model_from_checkpoint(_reference_dir(tmp_path_factory))[0].state_dict()
+    assert ours.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, data_dir, tmp_path,  # noqa: F811
@@ -48,7 +65,7 @@ def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, dat
     # An explicit layout: one transformer layer per stage (parameter balancing would put both on stage 0).
     _assert_matches(reference, train(run, data_dir, 4, "parallel.tp=2", "parallel.pp=2",
                                      "parallel.pipeline_layout=[1,1]"), "tp2-pp2")
-    ref_run = next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent  # the reference fixture's run
+    ref_run = _reference_dir(tmp_path_factory)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     logits = []
     for src in (ref_run, run):
