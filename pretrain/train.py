@@ -49,6 +49,7 @@ class Run:
     total_steps: int
     last_step: int
     schedule_state: dict = field(default_factory=dict)
+    stage0_grad_norm: float = float("nan")
 
 
 @dataclass
@@ -182,6 +183,14 @@ def _dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
     return tensor
 
 
+def _grad_norm(engine) -> float:
+    """Global gradient norm, for ZeRO stage 0 where DeepSpeed clips but does not report it. Called after the
+    boundary backward (gradients already all-reduced) and before ``engine.step`` clips them."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(get_global_norm_of_tensors(grads, mpu=engine.mpu))
+
+
 def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: float):
     """Forward/backward over this rank's micro-batches, optimizer step, expert-bias update.
 
@@ -200,6 +209,8 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
         loss = (out.lm_loss + mtp_weight * mtp + cfg.moe.seq_aux_alpha * out.seq_aux_loss
                 + cfg.moe.aux_loss_alpha * out.expert_aux_loss)
         engine.backward(loss)
+        if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+            run.stage0_grad_norm = _grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         sums += torch.stack([loss, out.lm_loss, mtp, out.seq_aux_loss]).detach().float()
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
@@ -233,6 +244,7 @@ def train_step(run: Run, step: int) -> StepResult:
     run.schedule_state = {"lr": lr, "mtp_weight": mtp_weight, "bias_update_speed": gamma,
                           "global_batch_size": global_batch}
     grad_norm = engine.get_global_grad_norm()
+    grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
     loss, lm_loss, mtp_loss, seq_aux = means.tolist()
     return StepResult(loss, lm_loss, mtp_loss, seq_aux, lr, float("nan") if grad_norm is None else float(grad_norm),
                       global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu())
