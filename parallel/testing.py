@@ -35,5 +35,8 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     Forked (not spawned) so the children reuse the parent's imports: seconds instead of tens of seconds.
     ``fn`` must be a module-level function.
     """
+    # Import the heavy libraries once here: the forked children inherit them instead of each importing them.
+    import deepspeed  # noqa: F401
+    from megatron.core import parallel_state  # noqa: F401
     mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
                        start_method="fork")
