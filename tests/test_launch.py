@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,6 +96,43 @@ def test_two_nodes_on_loopback_match_one_node(shards, reference, tmp_path, launc
     assert f"--node_rank 1" in outs[1]
     assert losses(tmp_path) == reference
     assert (tmp_path / "latest").read_text().strip() == f"step_{STEPS:07d}"
+
+
+def _ssh_to_self_works() -> bool:
+    try:
+        return shutil.which("pdsh") is not None and all(
+            subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", host, "true"],
+                           capture_output=True, timeout=15).returncode == 0 for host in ("localhost", "127.0.0.1"))
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def ssh_loopback():
+    """Passwordless ssh to `localhost` and `127.0.0.1`: already there, or started by .ci/ssh_loopback.sh (root)."""
+    if _ssh_to_self_works():
+        yield
+        return
+    script = ROOT / ".ci" / "ssh_loopback.sh"
+    if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists() or not shutil.which("pdsh"):
+        pytest.skip("no passwordless ssh to localhost + pdsh: run `bash .ci/ssh_loopback.sh start` (as root)")
+    subprocess.run(["bash", str(script), "start"], check=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(script), "stop"], timeout=60)
+
+
+@pytest.mark.slow
+def test_hostfile_over_ssh_matches_one_node(shards, reference, tmp_path, ssh_loopback):
+    """DeepSpeed's default multi-node path for real: hostfile -> pdsh -> ssh, two "hosts" that are this machine."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    run_dir = tmp_path / "run"
+    out = finish(launch("pretrain_multinode.sh", train_overrides(run_dir, shards), HOSTFILE=str(hostfile),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert f"+ deepspeed --hostfile {hostfile}" in out and "127.0.0.1: " in out  # pdsh prefixes remote output
+    assert losses(run_dir) == reference
 
 
 def _worker_pids(launcher_pid: int) -> list[int]:
