@@ -5,7 +5,7 @@ Plan (Megatron's column-then-row pairing, no sequence parallelism):
 | module | becomes |
 |---|---|
 | ``embed_tokens`` | ``VocabParallelEmbedding`` (vocab rows split; output all-reduced) |
-| attention ``q_proj``/``q_b_proj``, ``k_proj``, ``v_proj``, ``kv_b_proj`` | ``ColumnParallelLinear``: whole heads per rank |
+| attention ``q_proj``/``q_b_proj``, ``k_proj``, ``v_proj``, ``kv_b_proj`` | ``ColumnParallelLinear``: whole heads |
 | attention ``o_proj`` | ``RowParallelLinear`` (input is this rank's heads; output all-reduced) |
 | MLA ``q_a_proj``, ``kv_a_proj_with_mqa`` and their norms | replicated |
 | dense FFN / shared experts ``gate_proj``, ``up_proj`` / ``down_proj`` | column / row |

@@ -296,7 +296,8 @@ def initialize_parallel(topo: Topology) -> None:
                            "deepspeed.init_distributed() (or torch.distributed.init_process_group) first")
     if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
         raise ConfigError(f"parallel layout {topo._layout()}: built for rank {topo.rank} of {topo.world_size} but "
-                          f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; pass the real world size")
+                          f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; "
+                          f"pass the real world size and rank")
     if not ps.model_parallel_is_initialized():
         # No gloo side-groups: they serve megatron's distributed optimizer, which we do not use (ZeRO instead).
         ps.initialize_model_parallel(tensor_model_parallel_size=topo.tp, pipeline_model_parallel_size=topo.pp,

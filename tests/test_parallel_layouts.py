@@ -41,8 +41,8 @@ def data_dir(tmp_path_factory):
 def train(out_dir, data_dir, nproc, *overrides):
     args = ["-m", "pretrain.train", "--config", "tiny", f"data.paths=[{data_dir}]", f"train.output_dir={out_dir}",
             f"train.steps={STEPS}", "train.log_interval=1", *overrides]
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600,
                           env=dict(env, OMP_NUM_THREADS="1"))
