@@ -49,6 +49,10 @@ class Topology:
     """Routed experts per MoE layer (must divide by ep); 0 or None = dense."""
     num_hidden_layers: int | None = None
     """Transformer blocks (at least pp)."""
+    vocab_size: int | None = None
+    """Embedding/head rows (split by tp)."""
+    ffn_sizes: tuple = ()
+    """Widths split by tp: (name, size) of the dense FFN and the shared experts."""
     global_batch_size: int | None = None
     """Sequences per optimizer step (a multiple of micro_batch_size * dp)."""
     micro_batch_size: int | None = None
@@ -69,6 +73,7 @@ class Topology:
                    num_attention_heads=m.num_attention_heads,
                    num_key_value_heads=None if m.attention == "mla" else m.kv_heads,
                    n_routed_experts=m.n_routed_experts, num_hidden_layers=m.num_hidden_layers,
+                   vocab_size=m.vocab_size, ffn_sizes=_ffn_sizes(m),
                    global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
 
     def _layout(self) -> str:
@@ -96,6 +101,12 @@ class Topology:
         if self.num_key_value_heads is not None and self.num_key_value_heads % tp != 0:
             self._fail(f"model.num_key_value_heads={self.num_key_value_heads} is not divisible by tp={tp}",
                        "choose parallel.tp dividing the number of key/value heads")
+        if self.vocab_size is not None and self.vocab_size % tp != 0:
+            self._fail(f"model.vocab_size={self.vocab_size} is not divisible by tp={tp}",
+                       "pad model.vocab_size to a multiple of tp")
+        for name, size in self.ffn_sizes:
+            if size % tp != 0:
+                self._fail(f"{name}={size} is not divisible by tp={tp}", "choose parallel.tp dividing it")
         if ep > 1 and not self.n_routed_experts:
             self._fail(f"ep={ep} on a dense model (model.n_routed_experts=0)", "set parallel.ep=1")
         if self.n_routed_experts and self.n_routed_experts % ep != 0:
@@ -227,6 +238,17 @@ class Topology:
         if self.tp == 1 and self.pp == 1:
             return None
         return DeepSpeedMPU(self)
+
+
+def _ffn_sizes(m) -> tuple:
+    """(key, width) of every SwiGLU that tensor parallelism splits: dense layers and the shared experts."""
+    sizes = []
+    if not m.is_moe or m.first_k_dense_replace > 0:
+        sizes.append(("model.intermediate_size", m.intermediate_size))
+    if m.is_moe and m.n_shared_experts > 0:
+        sizes.append(("model.moe_intermediate_size x model.n_shared_experts",
+                      m.moe_intermediate_size * m.n_shared_experts))
+    return tuple(sizes)
 
 
 class DeepSpeedMPU:

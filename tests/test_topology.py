@@ -20,6 +20,8 @@ def _topo(world, overrides=(), rank=0):
     (4, ["train.global_batch_size=6"],
      "train.global_batch_size=6 is not a multiple of train.micro_batch_size=2 x dp=4"),
     (2, ["parallel.ep=2", "model.n_routed_experts=0"], "ep=2 on a dense model"),
+    (2, ["parallel.tp=2", "model.vocab_size=511"], "model.vocab_size=511 is not divisible by tp=2"),
+    (2, ["parallel.tp=2", "model.intermediate_size=127"], "model.intermediate_size=127 is not divisible by tp=2"),
     (4, ["model.attention=gqa", "model.num_key_value_heads=2", "parallel.tp=4"],
      "model.num_key_value_heads=2 is not divisible by tp=4"),
 ])
