@@ -69,6 +69,8 @@ def _check_groups(rank, world, overrides):
     name = topo.expert_group_name
     assert groups._get_expert_data_parallel_group(name) is topo.edp_group
     assert list(groups._get_expert_data_parallel_group_ranks(name)) == topo.edp_group_ranks()
+    with pytest.raises(ConfigError, match=f"built for rank {rank} of 8 but this process is rank {rank} of 4"):
+        initialize_parallel(Topology(world_size=8, tp=2, rank=rank))
     mpu = topo.deepspeed_mpu()
     assert mpu.get_data_parallel_world_size() == topo.dp and mpu.get_tensor_model_parallel_rank() == rank % 2
     assert mpu.get_model_parallel_world_size() == 2
