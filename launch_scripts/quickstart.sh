@@ -30,7 +30,7 @@ $PY -m data_pipeline.build --input "$CORPUS"/*.py --tokenizer "$WORK/tokenizer.m
     --workers "$NPROC" --overwrite --no-progress
 
 stamp "unigram entropy of the shards (the loss of a model that ignores context)"
-$PY - "$WORK/shards" <<'EOF' 2>/dev/null
+$PY - "$WORK/shards" "$WORK/unigram_entropy.txt" <<'EOF' 2>/dev/null
 import sys, glob, numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 counts = np.zeros(1, dtype=np.int64)
@@ -40,7 +40,9 @@ for idx in sorted(glob.glob(f"{sys.argv[1]}/*.idx")):
         c = np.bincount(np.asarray(ds[i], dtype=np.int64))
         counts = np.pad(counts, (0, max(0, len(c) - len(counts)))); counts[:len(c)] += c
 p = counts[counts > 0] / counts.sum()
-print(f"unigram entropy: {-(p * np.log(p)).sum():.3f} nats/token over {counts.sum():,} tokens")
+entropy = -(p * np.log(p)).sum()
+print(f"unigram entropy: {entropy:.3f} nats/token over {counts.sum():,} tokens")
+open(sys.argv[2], "w").write(f"{entropy}\n")
 EOF
 
 stamp "pretraining small-moe on $NPROC processes for $STEPS steps (lm_loss should fall below the entropy above)"
@@ -50,11 +52,14 @@ $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pretrain.
     "data.paths=[$WORK/shards]" "train.output_dir=$WORK/run" "train.steps=$STEPS" ${EXTRA:-} 2>&1 \
     | tee "$WORK/train.log" | grep --line-buffered -E "^step|^\[train\]|error" || true
 test -f "$WORK/run/latest" || { echo "training failed: see $WORK/train.log" >&2; exit 1; }
-$PY - "$WORK/run/metrics.jsonl" <<'EOF'
+$PY - "$WORK/run/metrics.jsonl" "$WORK/unigram_entropy.txt" <<'EOF'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-marks = sorted({1, *range(0, len(rows) + 1, max(1, len(rows) // 10))} - {0})
-print("loss curve (main-model lm_loss, nats/token):", ", ".join(f"{s}: {rows[s - 1]['lm_loss']:.2f}" for s in marks))
+rows = [json.loads(line)["lm_loss"] for line in open(sys.argv[1])]
+entropy, w = float(open(sys.argv[2]).read()), max(1, len(rows) // 10)
+windows = [(i + 1, min(i + w, len(rows)), sum(rows[i:i + w]) / len(rows[i:i + w])) for i in range(0, len(rows), w)]
+print("lm_loss (main model, nats/token), mean per window:", ", ".join(f"{a}-{b}: {v:.2f}" for a, b, v in windows))
+print(f"last window {windows[-1][2]:.2f} vs unigram entropy {entropy:.2f}: "
+      + ("below, the model uses context" if windows[-1][2] < entropy else "NOT below: train longer (STEPS=...)"))
 EOF
 
 stamp "export to HuggingFace"
