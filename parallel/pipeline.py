@@ -190,6 +190,9 @@ class DeepSeekPipeline(PipelineModule):
         self.layout = cfg.parallel.pipeline_layout
         ds_topo = PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
         super().__init__(layers, topology=ds_topo, loss_fn=self.compute_loss, partition_method="parameters")
+        # Keep only this stage's layers: the other stages' weights go with the plain model once the caller drops it.
+        self._layer_specs = [spec if self._local_start <= i < self._local_stop else None
+                             for i, spec in enumerate(self._layer_specs)]
         self.ce, self.topo, self.cfg = model.loss_fn, topo, cfg
         self.mtp_weight = cfg.mtp.loss_weight
         self.last_losses = None
@@ -212,6 +215,16 @@ class DeepSeekPipeline(PipelineModule):
                           f"parallel.pipeline_layout or use fewer stages than model.num_hidden_layers + 2")
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        if self.global_rank == 0:
+            print("[pipeline] " + " | ".join(self._describe_stage(s) for s in range(self.num_stages)), flush=True)
+
+    def _describe_stage(self, stage: int) -> str:
+        """E.g. 'stage 0: embedding, layers 0-3'."""
+        start, stop = self.parts[stage], self.parts[stage + 1]
+        blocks = [i - 1 for i in range(start, stop) if 1 <= i <= len(self._layer_specs) - 3]
+        parts = (["embedding"] if start == 0 else []) + ([f"layers {blocks[0]}-{blocks[-1]}"] if blocks else [])
+        parts += ["norm, head, MTP"] if stop == len(self._layer_specs) else []
+        return f"stage {stage}: {', '.join(parts)}"
 
     # -------------------------------------------------------------------------------------------- loss
 
