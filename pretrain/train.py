@@ -2,7 +2,8 @@
 
 Runs under plain ``python`` (one process: a 1-process group is created here), ``torchrun -m`` and
 ``deepspeed --module``; gloo on CPU, NCCL on GPU. Data-parallel here; tensor/expert parallelism enters through
-``parallel.parallelize_model`` and DeepSpeed's ``mpu`` (the seams are in place).
+``parallel.parallelize_model`` and DeepSpeed's ``mpu``; with ``parallel.pp > 1`` the model is cut into DeepSpeed
+pipeline stages and each step is one 1F1B ``engine.train_batch`` (``parallel.pipeline``).
 
 One optimizer step (``train_step``):
     loss = lm_loss + lambda * mean(mtp_losses) + seq_aux_alpha * seq_aux_loss + aux_loss_alpha * expert_aux_loss
