@@ -153,6 +153,10 @@ def resume(engine, cfg: Config) -> TrainState:
     load_path, _ = engine.load_checkpoint(str(run_dir), tag=tag)
     if load_path is None:
         raise ConfigError(f"checkpoint {step_dir}: DeepSpeed could not load it; remove it or `latest` to start over")
+    if cfg.parallel.ep > 1 and cfg.parallel.pp == 1 and hasattr(engine.optimizer, "update_lp_params"):
+        # DeepSpeed writes the module states from data-parallel rank 0 only, so every EP rank has just loaded
+        # rank 0's experts; the ZeRO fp32 partitions hold each rank's own experts: copy them back.
+        engine.optimizer.update_lp_params()
     saved = json.loads((step_dir / STATE_FILE).read_text())
     rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
     if rng_file.is_file():  # absent when the run is resumed on more ranks than it was saved with
