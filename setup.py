@@ -19,7 +19,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.0", "safetensors>=0.4"],
+        # pretrain.export writes configs/tokenizers with transformers (the reference our exports are tested against)
+        "export": ["transformers>=5.0", "huggingface_hub", "protobuf"],
+        "test": ["pytest>=8", "transformers>=5.0", "huggingface_hub", "protobuf", "zstandard"],
         "parquet": ["pyarrow"],
         "zstd": ["zstandard"],
     },
