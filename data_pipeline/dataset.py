@@ -40,6 +40,10 @@ def resolve_path(path: str) -> list[dict]:
         shards = []
         for shard in manifest.get("shards", []):
             prefix = os.path.join(path, shard["prefix"])
+            # A manifest names files inside its own directory: no absolute paths, no "..".
+            if os.path.commonpath([os.path.realpath(path), os.path.realpath(prefix)]) != os.path.realpath(path):
+                raise DataError(f"{path}/manifest.json: shard {shard['prefix']!r} points outside {path}; "
+                                f"shard names must be file names inside the build directory")
             shards.append({"prefix": prefix, "tokens": check_shard(prefix, shard["tokens"]), "manifest": manifest})
         if not shards:
             raise DataError(f"{path}/manifest.json lists no shards (every document was skipped?)")

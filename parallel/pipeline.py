@@ -439,7 +439,7 @@ def gather_pipeline_state_dict(step_dir: Path, model: nn.Module) -> dict:
         m = _LAYER_FILE.search(path.name)
         if m:
             layer, tp, ep = int(m[1]), int(m[2]), int(m[3] or 0)
-            files.setdefault((layer, ep), {})[tp] = torch.load(path, map_location="cpu", weights_only=False)
+            files.setdefault((layer, ep), {})[tp] = torch.load(path, map_location="cpu", weights_only=True)
     if not files:
         raise FileNotFoundError(f"{step_dir}: no pipeline layer files (layer_XX-model_TT-model_states.pt)")
     full = {k: v.shape for k, v in model.state_dict().items()}

@@ -196,6 +196,19 @@ class TrainConfig:
     """Signals that make every rank checkpoint at the next step boundary and exit 0 (pretrain.preemption)."""
     batch_size_rampup: list | None = None
     """Optional [[tokens, global_batch_size], ...]: the batch size in force from each token count on."""
+    checkpoint_fallback: bool = False
+    """On resume, a corrupt checkpoint (sha256 manifest mismatch) or a bad `latest` falls back to the newest older
+    complete checkpoint instead of stopping with an error naming the file (docs/RELIABILITY.md)."""
+    dist_timeout_s: float = 1800.0
+    """Process-group timeout for start-up and the first step: a rank stuck in a collective ends the job."""
+    step_timeout_s: float | None = None
+    """Process-group timeout from step 2 on (null = dist_timeout_s); shorter catches a hung rank sooner."""
+    max_skipped_steps: int = 10
+    """Abort after this many consecutive skipped optimizer steps (non-finite loss/gradients or loss spikes)."""
+    loss_spike_sigma: float = 0.0
+    """Skip the optimizer step when loss > mean + k * std of the last loss_spike_window steps (0 = off)."""
+    loss_spike_window: int = 50
+    """Steps in the loss-spike window (saved in checkpoints); spike skipping starts once it is full."""
 
 
 @dataclass

@@ -7,8 +7,10 @@ section, so anything DeepSpeed offers can be switched on without code here.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -33,8 +35,9 @@ def launcher_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
-def init_distributed(local_rank: int) -> torch.device:
-    """NCCL on GPU, gloo on CPU; returns this process's device."""
+def init_distributed(local_rank: int, timeout_s: float = 1800.0) -> torch.device:
+    """NCCL on GPU, gloo on CPU; returns this process's device. A collective that waits longer than ``timeout_s``
+    (a rank died or hangs) raises instead of blocking forever (``train.dist_timeout_s``)."""
     import deepspeed
 
     if torch.cuda.is_available():
@@ -42,8 +45,95 @@ def init_distributed(local_rank: int) -> torch.device:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     return device
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Change the timeout of every process group that exists (world, megatron-core's and DeepSpeed's groups)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has switched before anyone relies on the new value
+
+
+class StepGuard:
+    """Skip the optimizer step on *every* rank when any rank saw a non-finite loss or gradient, or a loss spike.
+
+    The loop calls :meth:`begin_step` with the spike threshold and :meth:`add_loss` per micro-batch. The decision
+    runs inside the optimizer step, so it covers ``engine.step`` and the pipeline engine's ``train_batch`` alike:
+    under ZeRO 1/2 it replaces DeepSpeed's overflow check (DeepSpeed then skips the update, clears the gradients
+    and counts ``engine.skipped_steps`` exactly as for an fp16 overflow); under ZeRO 0 it wraps the optimizer's
+    ``step``. One all-reduce of 2 * world + 2 numbers per step tells every rank which ranks were bad.
+    """
+
+    def __init__(self, engine):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = engine.device
+        self.begin_step(float("inf"))
+        self.bad_loss_ranks: list[int] = []
+        self.bad_grad_ranks: list[int] = []
+        opt = engine.optimizer
+        self.zero = hasattr(opt, "has_overflow_partitioned_grads_serial")
+        if self.zero:  # DeepSpeed ZeRO 1/2
+            opt.check_grad_overflow = True
+
+            def check_overflow(partition_gradients=True):
+                opt.overflow = self.decide(bool(opt.has_overflow_partitioned_grads_serial()))
+            opt.check_overflow = check_overflow
+        else:
+            inner, params = opt.step, [p for g in opt.param_groups for p in g["params"]]
+
+            def step(*args, **kwargs):
+                grads = [p.grad for p in params if p.grad is not None]
+                if self.decide(any(not torch.isfinite(g).all() for g in grads)):
+                    return None  # the engine clears the gradients after the step as usual
+                return inner(*args, **kwargs)
+            opt.step = step
+
+    def begin_step(self, spike_threshold: float) -> None:
+        self.threshold, self.loss_bad, self.loss_sum, self.loss_count = spike_threshold, False, 0.0, 0
+        self.skipped, self.spike = False, False
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        self.loss_bad |= not math.isfinite(value)
+        self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
+
+    def decide(self, local_grad_bad: bool) -> bool:
+        """Collective (all ranks, at the optimizer step): True = skip this update everywhere."""
+        import torch.distributed as dist
+
+        w = self.world
+        vec = torch.zeros(2 * w + 2, dtype=torch.float64, device=self.device)
+        vec[self.rank], vec[w + self.rank] = float(self.loss_bad), float(local_grad_bad)
+        vec[-2], vec[-1] = (0.0 if self.loss_bad else self.loss_sum), self.loss_count
+        dist.all_reduce(vec)
+        flags = vec.tolist()
+        self.bad_loss_ranks = [r for r in range(w) if flags[r]]
+        self.bad_grad_ranks = [r for r in range(w) if flags[w + r]]
+        mean = flags[-2] / flags[-1] if flags[-1] else float("nan")
+        self.spike = not (self.bad_loss_ranks or self.bad_grad_ranks) and mean > self.threshold
+        self.skipped = bool(self.bad_loss_ranks or self.bad_grad_ranks or self.spike)
+        return self.skipped
+
+    def reason(self) -> str:
+        """Why the last step was skipped, naming the ranks."""
+        if self.spike:
+            return f"loss spike (mean loss above the threshold {self.threshold:.4f})"
+        parts = [f"non-finite loss on rank(s) {self.bad_loss_ranks}"] if self.bad_loss_ranks else []
+        if self.bad_grad_ranks:
+            # Under ZeRO the check sees each rank's partition of the already-reduced gradients.
+            parts.append(f"non-finite gradients on rank(s) {self.bad_grad_ranks} (ZeRO: in their partition of "
+                         f"the reduced gradients)" if self.zero else
+                         f"non-finite gradients on rank(s) {self.bad_grad_ranks} (after the all-reduce)")
+        return "; ".join(parts) or "non-finite gradient norm (DeepSpeed's overflow check)"
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -28,9 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import TrainState, resume, save_checkpoint, write_run_files
+from pretrain import faults
+from pretrain.checkpoint import CheckpointError, TrainState, resume, save_checkpoint, write_run_files
 from pretrain.config import Config, ConfigError, load_config
-from pretrain.engine import build_engine, init_distributed, launcher_env, set_lr
+from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
 from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps, validate_schedule
 
 
@@ -49,8 +51,11 @@ class Run:
     state: TrainState
     total_steps: int
     last_step: int
+    guard: object = None
     schedule_state: dict = field(default_factory=dict)
     stage0_grad_norm: float = float("nan")
+    consecutive_skips: int = 0
+    timeout_key: str = "train.dist_timeout_s"  # the timeout in force, for the message of a timed-out collective
 
 
 @dataclass
@@ -67,6 +72,7 @@ class StepResult:
     step_time_s: float
     expert_load: torch.Tensor  # (num_moe_layers, n_routed_experts), summed over micro-batches and ranks
     eval_loss: float | None = None
+    skipped: bool = False  # the optimizer step was skipped on every rank (StepGuard)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -96,6 +102,67 @@ def resolve_tokenizer(cfg: Config) -> str | None:
                           f"({vocab}) the shards in {manifest.parent} were built with; set model.vocab_size={vocab}")
     path = entry.get("path") if isinstance(entry, dict) else entry
     return path if path and Path(path).is_file() else None
+
+
+def check_reliability_config(cfg: Config, topo) -> None:
+    """One line per bad value of the fault-handling keys (before any process group)."""
+    t = cfg.train
+    checks = [(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s}: must be positive"),
+              (t.step_timeout_s is None or t.step_timeout_s > 0,
+               f"train.step_timeout_s={t.step_timeout_s}: must be positive or null"),
+              (t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps}: must be >= 1"),
+              (t.loss_spike_sigma >= 0, f"train.loss_spike_sigma={t.loss_spike_sigma}: must be >= 0 (0 = off)"),
+              (t.loss_spike_window >= 2, f"train.loss_spike_window={t.loss_spike_window}: must be >= 2"),
+              (not (t.loss_spike_sigma and topo.pp > 1),
+               "train.loss_spike_sigma needs the loss on every rank, which parallel.pp > 1 keeps on the last "
+               "stage only; set train.loss_spike_sigma=0")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def data_fingerprint(paths: list) -> list:
+    """[[shard file name, .bin bytes, .idx sha256], ...] over ``paths`` in order: cheap (the .bin is not read)
+    yet any rebuild changes it (document lengths live in the .idx)."""
+    import hashlib
+
+    from data_pipeline.dataset import resolve_path
+    out = []
+    for path in paths:
+        for shard in resolve_path(str(path)):
+            prefix = shard["prefix"]
+            digest = hashlib.sha256(Path(prefix + ".idx").read_bytes()).hexdigest()
+            out.append([Path(prefix).name, Path(prefix + ".bin").stat().st_size, digest])
+    return out
+
+
+def check_data_unchanged(state: TrainState, fingerprint: list) -> None:
+    """Resuming on shards that differ from the ones the checkpoint was trained on would silently change the
+    sample order: refuse, naming the first differing shard."""
+    saved = state.data_fingerprint
+    if state.step == 0 or not saved or saved == fingerprint:
+        return
+    for old, new in zip(saved + [None] * len(fingerprint), fingerprint + [None] * len(saved)):
+        if old != new:
+            name = (new or old)[0]
+            raise ConfigError(f"data.paths: shard {name} differs from the one the checkpoint at step {state.step} "
+                              f"was trained on (was {old}, now {new}); restore the original shards or start a new "
+                              f"train.output_dir")
+
+
+def install_fault_hooks(engine, state: TrainState, rank: int) -> None:
+    """``PRETRAIN_FAULT=nan_expert_grad:STEP:RANK``: NaN in routed expert 0's gradient (tests only, pretrain.faults)."""
+    if "nan_expert_grad" not in os.environ.get(faults.ENV, ""):
+        return
+    name, param = next((n, p) for n, p in engine.module.named_parameters() if ".experts." in n and p.ndim == 3)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if faults.active("nan_expert_grad", state.step + 1, rank):
+            grad = grad.clone()
+            grad[0] = float("nan")
+        return grad
+    param.register_hook(hook)
+    print(f"[fault] rank {rank}: NaN gradients of {name}[0] per PRETRAIN_FAULT", file=sys.stderr, flush=True)
 
 
 def build_data(cfg: Config, topo, state: TrainState):
@@ -140,6 +207,7 @@ def setup(cfg: Config) -> Run:
     # Everything a user can get wrong is checked before any process group work.
     topo = Topology.from_config(cfg, world_size, rank)
     validate_schedule(cfg, topo.dp_size)
+    check_reliability_config(cfg, topo)
     if topo.pp > 1:
         from parallel.pipeline import check_pipeline_layout
         check_pipeline_layout(cfg)
@@ -147,16 +215,22 @@ def setup(cfg: Config) -> Run:
         raise ConfigError("data.paths is empty: give shard directories or prefixes built by data_pipeline.build")
     check_data_paths(cfg.data.paths, "data.paths")
     check_data_paths(cfg.data.eval_paths, "data.eval_paths")
+    fingerprint = data_fingerprint(cfg.data.paths)  # also: every shard exists and its .bin matches its .idx
     tokenizer = resolve_tokenizer(cfg)
 
-    device = init_distributed(local_rank)
+    device = init_distributed(local_rank, cfg.train.dist_timeout_s)
     if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
         initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
     make_engine = build_engine
     if topo.pp > 1:  # DeepSpeed PipelineModule stages trained with 1F1B train_batch (parallel.pipeline)
         from parallel.pipeline import build_pipeline_engine as make_engine
     engine = make_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
+    set_collective_timeout(cfg.train.dist_timeout_s)  # also the groups megatron-core and DeepSpeed created
+    guard = StepGuard(engine)
     state = resume(engine, cfg)
+    check_data_unchanged(state, fingerprint)
+    state.data_fingerprint = fingerprint
+    install_fault_hooks(engine, state, rank)
     if state.step == 0:  # on resume the checkpoint restored every rank's RNG state instead
         seed_rank(cfg.train.seed, rank)
     run_dir = Path(cfg.train.output_dir)
@@ -173,7 +247,7 @@ def setup(cfg: Config) -> Run:
                             log_interval=cfg.train.log_interval)
     preempt = PreemptionHandler(cfg.train.preemption_signals).install()
     last = min(steps, cfg.train.exit_at_step) if cfg.train.exit_at_step else steps
-    return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last)
+    return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last, guard)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -200,7 +274,7 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
     """
     from pretrain.model import update_expert_bias
 
-    cfg, engine = run.cfg, run.engine
+    cfg, engine, step, rank = run.cfg, run.engine, run.state.step + 1, dist.get_rank()
     sums = torch.zeros(4, device=run.device)  # loss, lm_loss, mtp_loss, seq_aux_loss summed over micro-batches
     load = None
     for tokens in micro_batches:
@@ -209,6 +283,10 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
         mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else torch.zeros_like(out.lm_loss)
         loss = (out.lm_loss + mtp_weight * mtp + cfg.moe.seq_aux_alpha * out.seq_aux_loss
                 + cfg.moe.aux_loss_alpha * out.expert_aux_loss)
+        for kind, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf")), ("spike_loss", 100.0)):
+            if faults.active(kind, step, rank):  # tests only (pretrain.faults)
+                loss = loss * factor
+        run.guard.add_loss(loss)
         engine.backward(loss)
         if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
             run.stage0_grad_norm = _grad_norm(engine)
@@ -219,7 +297,7 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
     # replica applies the same bias update.
     means = _dp_sum(sums, run.topo) / (len(micro_batches) * run.topo.dp_size)
     load = _dp_sum(load, run.topo)
-    if load.numel():
+    if load.numel() and not run.guard.skipped:  # a skipped step leaves the bias unchanged too
         update_expert_bias(engine.module, load, gamma)
     return means, load
 
@@ -233,6 +311,10 @@ def train_step(run: Run, step: int) -> StepResult:
     lr = lr_at(step, st.tokens_seen, cfg)
     mtp_weight, gamma = loss_weights_at(st.tokens_seen, cfg)
     set_lr(engine, lr)
+    run.guard.begin_step(spike_threshold(run.cfg, st.loss_window))
+    skipped_before = engine.skipped_steps
+    if faults.active("hang", step, dist.get_rank()):  # tests only: this rank stops before the step's collectives
+        time.sleep(1e9)
     start = time.perf_counter()
     micro_batches = run.stream.next_batch(global_batch)
     if run.topo.pp > 1:  # every stage draws the batch; the first and last stages read it
@@ -247,8 +329,42 @@ def train_step(run: Run, step: int) -> StepResult:
     grad_norm = engine.get_global_grad_norm()
     grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
     loss, lm_loss, mtp_loss, seq_aux = means.tolist()
+    # DeepSpeed's own overflow check (ZeRO, non-finite norm) may skip even when the guard saw nothing.
+    skipped = run.guard.skipped or engine.skipped_steps > skipped_before
     return StepResult(loss, lm_loss, mtp_loss, seq_aux, lr, float("nan") if grad_norm is None else float(grad_norm),
-                      global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu())
+                      global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu(), skipped=skipped)
+
+
+def spike_threshold(cfg: Config, window: list) -> float:
+    """mean + k * std of the loss window once it is full (``train.loss_spike_sigma``); inf = no spike check."""
+    t = cfg.train
+    if not t.loss_spike_sigma or len(window) < t.loss_spike_window:
+        return float("inf")
+    values = np.asarray(window, dtype=np.float64)
+    return float(values.mean() + t.loss_spike_sigma * values.std())
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot continue (repeated non-finite steps, a collective timeout); the message says why."""
+
+
+def account_skip(run: Run, step: int, r: StepResult) -> None:
+    """Count skipped steps, keep the loss-spike window, abort after ``train.max_skipped_steps`` in a row."""
+    st, t = run.state, run.cfg.train
+    if not r.skipped:
+        run.consecutive_skips = 0
+        if t.loss_spike_sigma:
+            st.loss_window = (st.loss_window + [r.loss])[-t.loss_spike_window:]
+        return
+    st.skipped_steps += 1
+    run.consecutive_skips += 1
+    reason = run.guard.reason()
+    if dist.get_rank() == 0:
+        print(f"[train] step {step}: optimizer step skipped on every rank: {reason}", file=sys.stderr, flush=True)
+    if run.consecutive_skips >= t.max_skipped_steps:
+        raise TrainingAborted(f"step {step}: {run.consecutive_skips} consecutive optimizer steps skipped "
+                              f"(train.max_skipped_steps={t.max_skipped_steps}), last: {reason}; nothing was saved "
+                              f"after the last good checkpoint: lower optim.lr or check the data, then resume")
 
 
 # ------------------------------------------------------------------------------------- eval, log, checkpoint
@@ -284,7 +400,8 @@ def maybe_log(run: Run, step: int, r: StepResult) -> None:
     scalars = {"train/loss": r.loss, "train/lm_loss": r.lm_loss, "train/mtp_loss": r.mtp_loss, "train/lr": r.lr,
                "train/grad_norm": r.grad_norm, "train/seq_aux_loss": r.seq_aux_loss,
                "train/mtp_weight": run.schedule_state["mtp_weight"],
-               "moe/bias_update_speed": run.schedule_state["bias_update_speed"]}
+               "moe/bias_update_speed": run.schedule_state["bias_update_speed"],
+               "train/skipped_steps": run.state.skipped_steps}
     m.log_step(step, scalars, r.tokens, r.step_time_s)
     if r.expert_load.numel():
         if step % t.heatmap_interval == 0 or step == 1:
@@ -295,7 +412,8 @@ def maybe_log(run: Run, step: int, r: StepResult) -> None:
         m.log_scalar("eval/loss", r.eval_loss, step)
     if dist.get_rank() == 0:
         record = {"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss, "lr": r.lr,
-                  "grad_norm": r.grad_norm, "tokens": run.state.tokens_seen, "seq_aux_loss": r.seq_aux_loss}
+                  "grad_norm": r.grad_norm, "tokens": run.state.tokens_seen, "seq_aux_loss": r.seq_aux_loss,
+                  "skipped": r.skipped}
         if r.eval_loss is not None:
             record["eval_loss"] = r.eval_loss
         with open(Path(t.output_dir) / "metrics.jsonl", "a") as f:
@@ -320,10 +438,16 @@ def maybe_checkpoint(run: Run, step: int, force: bool) -> None:
 
 def train(cfg: Config) -> None:
     run = setup(cfg)
+    run.timeout_key = f"train.dist_timeout_s={cfg.train.dist_timeout_s}"
     if run.state.step >= run.last_step:
         print(f"[train] {cfg.train.output_dir} is already at step {run.state.step}; nothing to do", flush=True)
-    for step in range(run.state.step + 1, run.last_step + 1):
-        result = train_step(run, step)
+    first = run.state.step + 1
+    for step in range(first, run.last_step + 1):
+        result = _guarded(train_step, run, step)
+        account_skip(run, step, result)
+        if step == first and cfg.train.step_timeout_s:  # start-up and first step (compilation) are done
+            set_collective_timeout(cfg.train.step_timeout_s)
+            run.timeout_key = f"train.step_timeout_s={cfg.train.step_timeout_s}"
         result.eval_loss = maybe_eval(run, step)
         maybe_log(run, step, result)
         stop = run.preempt.should_stop()  # collective: all ranks agree
@@ -331,6 +455,18 @@ def train(cfg: Config) -> None:
         if stop:
             break
     run.metrics.close()
+
+
+def _guarded(fn, run: Run, step: int):
+    """``fn(run, step)``; a collective that timed out becomes one line naming the step and the timeout."""
+    try:
+        return fn(run, step)
+    except RuntimeError as e:  # gloo and NCCL report timeouts as RuntimeError / DistBackendError
+        if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+            raise
+        raise TrainingAborted(f"step {step}, rank {dist.get_rank()}: a collective did not complete within "
+                              f"{run.timeout_key}: "
+                              f"another rank hung or died ({str(e).splitlines()[0][:160]})") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -342,12 +478,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipeline.readers import DataError
+
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (CheckpointError, TrainingAborted) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
