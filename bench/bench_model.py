@@ -229,11 +229,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg, batch, seq = arch(args.preset)
-    gemm = {clock: gemm_flops_per_sec(clock=clock, device=args.device) for clock in ("wall", "cpu")}
+    # MFU denominator: the fp32 GEMM rate on CPU (as pretrain.metrics), the bf16 one on a GPU (tensor cores)
+    gemm_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    gemm = {clock: gemm_flops_per_sec(clock=clock, device=args.device, dtype=gemm_dtype) for clock in ("wall", "cpu")}
     backends = time_expert_backends() if args.device == "cpu" else {}
     times = alternate(make_steps(cfg, batch, seq, args.variants, args.device), args.rounds)
     print(f"{args.preset}: threads={args.threads} batch={batch}x{seq} rounds={args.rounds} (alternating)")
-    print(f"measured fp32 GEMM rate: {gemm['wall'] / 1e9:.1f} GFLOP/s wall, {gemm['cpu'] / 1e9:.1f} GFLOP/s "
+    print(f"measured {str(gemm_dtype)[6:]} GEMM rate: {gemm['wall'] / 1e9:.1f} GFLOP/s wall, {gemm['cpu'] / 1e9:.1f} GFLOP/s "
           "CPU time (2048^3 matmul, best of 5)")
     print("expert compute fwd+bwd CPU-s (16 experts, top-4, 2048 tokens): "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in backends.items()))

@@ -1,0 +1,55 @@
+"""The fast paths of pretrain.model are taken and give the reference numbers (speed itself: bench/run_all.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import profile
+
+import pretrain.model.moe as moe
+from pretrain.config import ModelConfig
+from pretrain.model import build_model
+from pretrain.model.attention import _causal_sdpa
+
+TINY_MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                first_k_dense_replace=1, n_group=2, topk_group=1, scoring_func="sigmoid", norm_topk_prob=True)
+
+
+def _ops(fn) -> set[str]:
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_mla_attention_takes_the_cpu_flash_kernel_with_the_math_path_numbers():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 32, 24, requires_grad=True), torch.randn(2, 4, 32, 24, requires_grad=True)
+    v = torch.randn(2, 4, 32, 8, requires_grad=True)  # value head narrower than q/k (MLA)
+    ops = _ops(lambda: _causal_sdpa(q, k, v).sum().backward())
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref.sum().backward()
+    torch.testing.assert_close(_causal_sdpa(q, k, v), ref.transpose(1, 2).flatten(2), rtol=1e-5, atol=1e-5)
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_model_step_uses_grouped_mm_and_flash_and_no_bincount():
+    model = build_model(ModelConfig(**TINY_MLA)).train()
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    ops = _ops(lambda: model(ids[:, :-1], labels=ids[:, 1:]).lm_loss.backward())
+    assert "aten::_grouped_mm" in ops and "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::bincount" not in ops  # bincount reads its maximum back to the host on CUDA
+
+
+def test_expert_counts_equal_bincount():
+    idx = torch.randint(0, 16, (1000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(moe.expert_counts(idx, 16), torch.bincount(idx, minlength=16))
+    assert moe.expert_counts(torch.tensor([3, 3]), 5).tolist() == [0, 0, 0, 2, 0]
