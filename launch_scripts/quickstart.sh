@@ -45,11 +45,13 @@ print(f"unigram entropy: {entropy:.3f} nats/token over {counts.sum():,} tokens")
 open(sys.argv[2], "w").write(f"{entropy}\n")
 EOF
 
-stamp "pretraining small-moe on $NPROC processes for $STEPS steps (lm_loss should fall below the entropy above)"
+stamp "pretraining small-moe on $NPROC processes (expert parallel) for $STEPS steps (lm_loss should fall below the entropy above)"
 rm -rf "$WORK/run"
 # shellcheck disable=SC2086
+# Experts sharded over the 2 processes (expert parallelism): each rank holds and updates half of them.
+EP=$(( NPROC % 2 == 0 ? 2 : 1 ))
 $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pretrain.train --config small-moe \
-    "data.paths=[$WORK/shards]" "train.output_dir=$WORK/run" "train.steps=$STEPS" ${EXTRA:-} 2>&1 \
+    "data.paths=[$WORK/shards]" "train.output_dir=$WORK/run" "train.steps=$STEPS" "parallel.ep=$EP" ${EXTRA:-} 2>&1 \
     | tee "$WORK/train.log" | grep --line-buffered -E "^step|^\[train\]|error" || true
 test -f "$WORK/run/latest" || { echo "training failed: see $WORK/train.log" >&2; exit 1; }
 $PY - "$WORK/run/metrics.jsonl" "$WORK/unigram_entropy.txt" <<'EOF'

@@ -195,6 +195,9 @@ def _save_files(engine, cfg: Config, state: TrainState, schedule_state: dict, st
     if faults.active("enospc_in_save", state.step, _rank()):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rng_file))
     torch.save(_rng_state(), rng_file)
+    from parallel.shards import needs_model_shards, save_model_shards
+    if needs_model_shards(cfg):  # ZeRO's merge cannot rebuild TP/EP shards: export reads these instead
+        save_model_shards(engine.module, cfg, step_dir)
     if _rank() == 0:
         save_config(cfg, step_dir / "config.yaml")
         (step_dir / STATE_FILE).write_text(json.dumps({**asdict(state), "schedule": schedule_state}, indent=1))
@@ -382,7 +385,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, trust_unverified: bool =
     cfg = load_config(run_dir / tag / "config.yaml")
     model = build_model(cfg.model)
     from parallel.pipeline import gather_pipeline_state_dict, is_pipeline_checkpoint
-    if is_pipeline_checkpoint(run_dir / tag):  # parallel.pp > 1: per-layer files, TP and expert shards merged
+    if is_pipeline_checkpoint(run_dir / tag):  # pp > 1, or tp/ep > 1 (parallel/shards.py): shards merged
         state = gather_pipeline_state_dict(run_dir / tag, model)
     else:
         state = consolidated_state_dict(run_dir, tag)

@@ -60,10 +60,20 @@ def reference(data_dir, tmp_path_factory):
     pytest.param(2, ["parallel.ep=2"], marks=needs_named_groups),
     pytest.param(4, ["parallel.tp=2", "parallel.ep=2"], marks=needs_named_groups),
 ], ids=["tp2", "dp2-ep2", "tp2-dp2-ep2"])
-def test_layout_equals_single_process(reference, data_dir, tmp_path, nproc, layout):
+def test_layout_equals_single_process(reference, data_dir, tmp_path, tmp_path_factory, nproc, layout):
     got = train(tmp_path / "run", data_dir, nproc, *layout)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert reference[1]["grad_norm"] > 1.0  # clipping (optim.grad_clip = 1) is active: the norm must be exact
     for want, have in zip(reference, got):
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert abs(have[key] - want[key]) <= 1e-4 * abs(want[key]), (layout, want["step"], key, want, have)
+
+    # Export's consolidation: TP and expert shards merge back into the single-process weights.
+    import torch
+    from pretrain.checkpoint import load_model_from_checkpoint
+    ref_dir = next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent
+    ours = load_model_from_checkpoint(tmp_path / "run")[0].state_dict()
+    want = load_model_from_checkpoint(ref_dir)[0].state_dict()
+    assert ours.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], rtol=0, atol=1e-5, msg=name)
