@@ -120,10 +120,15 @@ def master_weight_step(model: torch.nn.Module, **adamw):
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool = False, bf16_master: bool = False):
-    """A closure running one full step (zero_grad, forward, backward, AdamW) on ids (B, T+1); returns the loss."""
-    optimizer_step = (master_weight_step(model, **ADAMW) if bf16_master
-                      else torch.optim.AdamW(model.parameters(), **ADAMW).step)
+def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool = False, bf16_master: bool = False,
+               fused_adamw: bool = False):
+    """A closure running one full step (zero_grad, forward, backward, AdamW) on ids (B, T+1); returns the loss.
+
+    AdamW as the loop builds it (DeepSpeed ``torch_adam``: torch's default, a per-tensor loop on CPU) or, with
+    ``fused_adamw``, ``fused=True`` (one kernel over all tensors; a DeepSpeed optimizer param, see results.md)."""
+    adamw = {**ADAMW, "fused": True} if fused_adamw else ADAMW
+    optimizer_step = (master_weight_step(model, **adamw) if bf16_master
+                      else torch.optim.AdamW(model.parameters(), **adamw).step)
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
@@ -147,13 +152,14 @@ def transformers_twin(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dty
         return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).train()
 
 
-VARIANTS = ("ours", "transformers", "ours bf16", "transformers bf16", "ours compiled", "ours bf16 compiled")
+VARIANTS = ("ours", "transformers", "ours bf16", "transformers bf16", "ours compiled", "ours bf16 compiled",
+            "ours fused-adamw", "ours bf16 fused-adamw", "ours compiled fused-adamw", "ours bf16 compiled fused-adamw")
 
 
 def make_steps(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, variants=("ours", "transformers"),
                device: str = "cpu") -> dict:
     """name -> step closure, all on the same initial weights and batch. Variants: ``VARIANTS``; "compiled" =
-    ``DeepSeekModel.compile_blocks()`` (regional torch.compile)."""
+    ``DeepSeekModel.compile_blocks()`` (regional torch.compile), "fused-adamw" = AdamW(fused=True)."""
     torch.manual_seed(0)
     base = build_model(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
@@ -169,9 +175,9 @@ def make_steps(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, variants=("
         model = build_model(cfg).train()
         model.load_state_dict(base.state_dict())
         model.to(device, torch.bfloat16 if bf16 else torch.float32)
-        if name.endswith("compiled"):
+        if "compiled" in name:
             model.compile_blocks()
-        steps[name] = train_step(model, ids, bf16_master=bf16)
+        steps[name] = train_step(model, ids, bf16_master=bf16, fused_adamw="fused-adamw" in name)
     return steps
 
 

@@ -81,8 +81,12 @@ class Report:
 def model_steps(report: Report, args, gemm: dict) -> dict:
     """Section 1. Returns {arch: rows} for the targets."""
     variants = ["ours", "transformers", "ours bf16"] + ([] if args.quick else ["transformers bf16"])
+    if args.fused_adamw:
+        variants += ["ours fused-adamw", "ours bf16 fused-adamw"]
     if args.compile:
         variants += ["ours compiled", "ours bf16 compiled"]
+    if args.compile and args.fused_adamw:
+        variants += ["ours compiled fused-adamw", "ours bf16 compiled fused-adamw"]
     out = {}
     for name in ("small-moe", "reference"):
         cfg, batch, seq = bm.arch(name)
@@ -144,12 +148,12 @@ def targets(models: dict, ckpt: dict, parallel_text: str) -> str:
              f"{ours['x_wall']:.2f}x wall | {'yes' if ours['x_cpu'] >= 1.35 else 'no'} |",
              f"| fp32 MFU >= 70% of the fp32 GEMM rate | {ours['mfu_cpu']:.0%} CPU-time, {ours['mfu_wall']:.0%} wall | "
              f"{'yes' if ours['mfu_cpu'] >= 0.7 else 'no'} |"]
-    for name in ("ours compiled",):
+    for name in ("ours fused-adamw", "ours compiled", "ours compiled fused-adamw"):
         if name in ref:
             r = ref[name]
             lines.append(f"| fp32 step >= 1.35x transformers, {name} | {r['x_cpu']:.2f}x CPU-time, {r['x_wall']:.2f}x"
                          f" wall, MFU {r['mfu_cpu']:.0%} | {'yes' if r['x_cpu'] >= 1.35 else 'no'} |")
-    for name in ("ours bf16", "ours bf16 compiled"):
+    for name in ("ours bf16", "ours bf16 fused-adamw", "ours bf16 compiled", "ours bf16 compiled fused-adamw"):
         if name in ref:
             r = ref[name]
             lines.append(f"| bf16 step >= 2x transformers fp32, {name} | {r['x_cpu']:.2f}x CPU-time, "
@@ -170,7 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller corpus, fewer steps")
     parser.add_argument("--threads", type=int, default=1, help="threads of the single-process benches")
-    parser.add_argument("--compile", action="store_true", help="add an 'ours compiled' (torch.compile) variant")
+    parser.add_argument("--compile", action="store_true", help="add 'compiled' variants (compile_blocks)")
+    parser.add_argument("--fused-adamw", action="store_true", help="add variants with AdamW(fused=True)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["models", "checkpointing", "data", "parallel",
                                                                   "layouts"])
     parser.add_argument("--out", default=RESULTS)
