@@ -46,7 +46,7 @@ CHECKSUMS = "checksums.json"
 _TAG = re.compile(r"^step_\d{7}$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint could not be written or read; the message names the file and the way out."""
 
 

@@ -45,8 +45,26 @@ def init_distributed(local_rank: int, timeout_s: float = 1800.0) -> torch.device
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    _init_restarted_process_group(backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)  # no-op init if done above
     return device
+
+
+def _init_restarted_process_group(backend: str, timeout: timedelta) -> None:
+    """After a ``torchrun --max-restarts`` restart the workers reuse the agent's TCPStore, where gloo finds the
+    peer addresses of the failed attempt and connects to dead ranks; a per-attempt key prefix keeps attempts
+    apart (the first attempt is left to DeepSpeed's usual env:// initialisation)."""
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/pretrain/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def set_collective_timeout(timeout_s: float) -> None:

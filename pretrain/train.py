@@ -17,6 +17,7 @@ afterwards rank r seeds python, numpy and torch with ``train.seed + r``. Checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -277,7 +278,11 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
     cfg, engine, step, rank = run.cfg, run.engine, run.state.step + 1, dist.get_rank()
     sums = torch.zeros(4, device=run.device)  # loss, lm_loss, mtp_loss, seq_aux_loss summed over micro-batches
     load = None
-    for tokens in micro_batches:
+    for i, tokens in enumerate(micro_batches):
+        # DeepSpeed's own boundary is (micro_steps + 1) % accumulation_steps: wrong once a batch-size ramp changes
+        # the accumulation steps after a number of micro-steps that is not a multiple of the new value (and after
+        # a resume, which restarts micro_steps at 0). The last micro-batch of this step is the boundary.
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
         tokens = tokens.to(run.device)  # (mb, seq + 1)
         out = engine(tokens[:, :-1], labels=tokens[:, 1:])
         mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else torch.zeros_like(out.lm_loss)
@@ -443,30 +448,44 @@ def train(cfg: Config) -> None:
         print(f"[train] {cfg.train.output_dir} is already at step {run.state.step}; nothing to do", flush=True)
     first = run.state.step + 1
     for step in range(first, run.last_step + 1):
-        result = _guarded(train_step, run, step)
-        account_skip(run, step, result)
+        with collective_failures(run, step):
+            stop = train_one(run, step)
         if step == first and cfg.train.step_timeout_s:  # start-up and first step (compilation) are done
             set_collective_timeout(cfg.train.step_timeout_s)
             run.timeout_key = f"train.step_timeout_s={cfg.train.step_timeout_s}"
-        result.eval_loss = maybe_eval(run, step)
-        maybe_log(run, step, result)
-        stop = run.preempt.should_stop()  # collective: all ranks agree
-        maybe_checkpoint(run, step, force=stop or step == run.last_step)
         if stop:
             break
     run.metrics.close()
 
 
-def _guarded(fn, run: Run, step: int):
-    """``fn(run, step)``; a collective that timed out becomes one line naming the step and the timeout."""
+def train_one(run: Run, step: int) -> bool:
+    """Step, skip accounting, eval, log, checkpoint; True when preempted (every rank agrees)."""
+    result = train_step(run, step)
+    account_skip(run, step, result)
+    result.eval_loss = maybe_eval(run, step)
+    maybe_log(run, step, result)
+    stop = run.preempt.should_stop()  # collective: all ranks agree
+    maybe_checkpoint(run, step, force=stop or step == run.last_step)
+    return stop
+
+
+# gloo / NCCL wording of a collective that lost a peer or ran out of time
+_COMM_FAILURE = ("timed out", "timeout", "connection reset", "connection closed", "remote worker", "nccl error")
+
+
+@contextlib.contextmanager
+def collective_failures(run: Run, step: int):
+    """A collective that timed out or lost a peer becomes one line naming the step, the rank and the timeout."""
     try:
-        return fn(run, step)
-    except RuntimeError as e:  # gloo and NCCL report timeouts as RuntimeError / DistBackendError
-        if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeError / DistBackendError
+        text = str(e).lower()
+        if isinstance(e, (TrainingAborted, CheckpointError)) or not any(k in text for k in _COMM_FAILURE):
             raise
-        raise TrainingAborted(f"step {step}, rank {dist.get_rank()}: a collective did not complete within "
-                              f"{run.timeout_key}: "
-                              f"another rank hung or died ({str(e).splitlines()[0][:160]})") from None
+        what = (f"a collective did not complete within {run.timeout_key}: another rank hung or died"
+                if "time" in text else "a collective lost its peer: another rank died")
+        raise TrainingAborted(f"step {step}, rank {dist.get_rank()}: {what} ({str(e).splitlines()[0][:160]}); "
+                              f"resume from `latest` once the cause is fixed") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

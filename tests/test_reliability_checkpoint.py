@@ -39,9 +39,9 @@ def run_train(out, data, *overrides, nproc=1, check=True, fault=None, monkeypatc
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):  # noqa: F811
-    """Uninterrupted single-process run, a checkpoint after every step."""
+    """Uninterrupted single-process run, a checkpoint after every step (all four kept)."""
     out = tmp_path_factory.mktemp("rel_ref") / "run"
-    run_train(out, data_dir)
+    run_train(out, data_dir, "train.keep_last=4")
     assert complete_tags(out)[:1] == ["step_0000004"]
     return out
 
@@ -120,6 +120,7 @@ def test_sigkill_mid_save_then_torchrun_restart_equals_uninterrupted(reference, 
     """Rank 1 is SIGKILLed half-way through the step-2 checkpoint (DeepSpeed's files written, RNG/state/checksums
     not); torchrun --max-restarts=1 restarts both ranks, which resume from step 1 and finish."""
     monkeypatch.setenv("PET_MAX_RESTARTS", "1")  # torchrun reads its options from PET_* variables
+    monkeypatch.setenv("PET_MONITOR_INTERVAL", "0.5")  # see the failure (and restart) sooner than the 5 s default
     out = tmp_path / "run"
     proc = run_train(out, data_dir, nproc=2, fault="crash_in_save:2:1", monkeypatch=monkeypatch)
     log = proc.stdout + proc.stderr
