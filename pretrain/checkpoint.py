@@ -200,7 +200,8 @@ def _save_files(engine, cfg: Config, state: TrainState, schedule_state: dict, st
         save_model_shards(engine.module, cfg, step_dir)
     if _rank() == 0:
         save_config(cfg, step_dir / "config.yaml")
-        (step_dir / STATE_FILE).write_text(json.dumps({**asdict(state), "schedule": schedule_state}, indent=1))
+        extra = {"schedule": schedule_state, "dp_size": getattr(engine, "dp_world_size", 1)}
+        (step_dir / STATE_FILE).write_text(json.dumps({**asdict(state), **extra}, indent=1))
 
 
 def save_checkpoint(engine, cfg: Config, state: TrainState, schedule_state: dict) -> Path:
@@ -327,6 +328,14 @@ def resume(engine, cfg: Config) -> TrainState:
         return TrainState()
     step_dir = run_dir / tag
     check_architecture(cfg, step_dir)
+    saved = json.loads((step_dir / STATE_FILE).read_text())
+    dp = getattr(engine, "dp_world_size", 1)
+    if cfg.parallel.zero_stage > 0 and saved.get("dp_size", dp) != dp:
+        raise CheckpointError(f"checkpoint {step_dir} was saved with data-parallel size {saved['dp_size']}, this "
+                              f"run has {dp}: ZeRO-{cfg.parallel.zero_stage} partitions the optimizer state by "
+                              f"data-parallel rank; resume with {saved['dp_size']} data-parallel ranks (the sample "
+                              f"stream does not depend on it), or convert the checkpoint to DeepSpeed's universal "
+                              f"format (ds_to_universal) first")
     # DeepSpeed unpickles its own files (weights_only=False): they are ours, their checksums just verified.
     load_path, _ = engine.load_checkpoint(str(run_dir), tag=tag)
     if load_path is None:
@@ -335,7 +344,6 @@ def resume(engine, cfg: Config) -> TrainState:
         # DeepSpeed writes the module states from data-parallel rank 0 only, so every EP rank has just loaded
         # rank 0's experts; the ZeRO fp32 partitions hold each rank's own experts: copy them back.
         engine.optimizer.update_lp_params()
-    saved = json.loads((step_dir / STATE_FILE).read_text())
     rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
     if rng_file.is_file():  # absent when the run is resumed on more ranks than it was saved with
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -12,7 +12,6 @@ The launcher and the shards come from the loop's own tests (``test_train.train``
 """
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
