@@ -57,8 +57,8 @@ def test_resume_before_a_batch_size_change_is_exact(reference, data_dir, tmp_pat
 @pytest.mark.slow
 def test_resume_on_another_data_parallel_size(reference, data_dir, tmp_path):  # noqa: F811
     """ZeRO 0 (unpartitioned optimizer state): stopped at step 2 on dp2, resumed on one process, steps 3-4 equal
-    the uninterrupted run and the sample stream goes on from sample 8. ZeRO 1 partitions the optimizer state by
-    data-parallel rank: that resume is refused in one line (not DeepSpeed's traceback)."""
+    the uninterrupted run and the sample stream goes on from sample 8. (ZeRO 1 partitions the optimizer state by
+    data-parallel rank: that resume is refused in one line, test_reliability_checkpoint's SIGKILL test.)"""
     out = tmp_path / "zero0"
     run_train(out, data_dir, "parallel.zero_stage=0", "train.exit_at_step=2", nproc=2)
     assert json.loads((out / "step_0000002" / "trainer_state.json").read_text())["consumed_samples"] == 8
@@ -67,11 +67,6 @@ def test_resume_on_another_data_parallel_size(reference, data_dir, tmp_path):  #
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert abs(want[key] - have[key]) < 1e-5, (want["step"], key, want[key], have[key])
     assert json.loads((out / "step_0000004" / "trainer_state.json").read_text())["consumed_samples"] == 24
-    zero1 = tmp_path / "zero1"
-    run_train(zero1, data_dir, "train.exit_at_step=1", nproc=2)
-    proc = run_train(zero1, data_dir, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "was saved with data-parallel size 2, this run has 1: ZeRO-1 partitions" in proc.stderr
 
 
 class _Ids:
