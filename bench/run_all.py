@@ -36,6 +36,18 @@ import bench_memory  # noqa: E402
 import bench_model as bm  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results.md")
+NOTES = """\
+- Step tables: the variants alternate step by step in one process; "step CPU-s (min)" is this process's CPU
+  time (one thread: no spinning workers), robust to the other jobs on the machine; wall times are not.
+- "ours" is the step the loop runs today (DeepSpeed `torch_adam`: torch's per-tensor AdamW on CPU); "fused-adamw"
+  is `AdamW(fused=True)`, which the loop gets with `deepspeed: {optimizer: {params: {fused: true}}}` (DeepSpeed
+  passes the key to torch; same losses on the tiny preset). "compiled" = `DeepSeekModel.compile_blocks()`.
+- bf16 = bf16 weights/activations/gradients with fp32 master weights in AdamW (DeepSpeed's bf16 mode).
+- Layouts: one run after another (not alternated), so their "vs dp2" ratios carry the machine's load changes.
+  The pretrain.info estimate has no allocator caching, gloo/DeepSpeed buffers or data-pipeline memory: compare
+  it with "peak - framework", which still includes those.
+- Data pipeline targets need two otherwise idle cores; with other jobs running the 2-worker row cannot scale.
+"""
 
 
 def cpu_model() -> str:
@@ -218,6 +230,7 @@ def main() -> None:
     if results["models"]:
         report.section("Targets (issue 7)", targets(results["models"], results["checkpointing"] or {},
                                                     results["parallel"] or ""))
+    report.section("How to read these figures", NOTES)
     print(f"\nwrote {args.out}")
 
 
