@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.model.moe import GroupedExperts
+from pretrain.model.moe import GroupedExperts, expert_counts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -91,7 +91,7 @@ def _keep_within_capacity(flat_idx: torch.Tensor, flat_weight: torch.Tensor, num
     # Sort by (expert, -weight); a copy's rank within its expert is its position minus the expert's start.
     by_weight = flat_weight.argsort(descending=True, stable=True)
     order = by_weight[flat_idx[by_weight].argsort(stable=True)]
-    counts = torch.bincount(flat_idx, minlength=num_experts)
+    counts = expert_counts(flat_idx, num_experts)
     starts = counts.cumsum(0) - counts
     rank_in_expert = torch.arange(order.numel(), device=flat_idx.device) - starts[flat_idx[order]]
     keep = torch.zeros_like(flat_idx, dtype=torch.bool)
@@ -120,7 +120,7 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
         copy_ids = torch.arange(flat_idx.numel(), device=x.device)
     # Stable sort by expert: the same copy order as the single-process GroupedExperts, so sums match.
     order = copy_ids[flat_idx[copy_ids].argsort(stable=True)]
-    counts = torch.bincount(flat_idx[order], minlength=num_experts)  # (E,) copies this rank sends per expert
+    counts = expert_counts(flat_idx[order], num_experts)  # (E,) copies this rank sends per expert
     token_index = order // topk_idx.shape[1]
 
     # Exchange counts: row r of recv_counts = copies rank r sends to each of my local experts.

@@ -297,11 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run directory (uses `latest`) or a step_NNNNNNN dir")
     parser.add_argument("--output", required=True, help="output folder for the HuggingFace checkpoint")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--trust-unverified", action="store_true",
+                        help="load a checkpoint without (or failing) its checksums.json; only for checkpoints you "
+                             "produced (DeepSpeed's files are unpickled)")
     args = parser.parse_args(argv)
     try:
         from pretrain.checkpoint import load_model_from_checkpoint
 
-        model, cfg, tokenizer = load_model_from_checkpoint(args.checkpoint)
+        model, cfg, tokenizer = load_model_from_checkpoint(args.checkpoint, trust_unverified=args.trust_unverified)
         model_cfg = getattr(cfg, "model", cfg)
         out = to_hf(model, model_cfg, args.output, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, ImportError) as e:

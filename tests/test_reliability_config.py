@@ -159,5 +159,9 @@ def test_export_refuses_an_unverified_checkpoint(reference, tmp_path):  # noqa: 
     proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint", str(run), "--output",
                            str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "refusing to unpickle" in proc.stderr and "Traceback" not in proc.stderr
+    # The user vouches for the file (trailing bytes after the zip archive still load): the export goes through.
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint", str(run), "--output",
+                           str(tmp_path / "hf"), "--trust-unverified"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "hf" / "config.json").is_file(), proc.stderr[-2000:]
     model, _, _ = load_model_from_checkpoint(run / "step_0000003")  # an intact checkpoint loads
     assert sum(p.numel() for p in model.parameters()) > 0
