@@ -167,9 +167,12 @@ def test_cli_exports_what_the_checkpoint_loader_returns(tmp_path, monkeypatch, c
     run_cfg = RunConfig()
     run_cfg.model = cfg
     seen = []
-    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", lambda p: (seen.append(p), (model, run_cfg, None))[1])
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint",
+                        lambda p, trust_unverified: (seen.append((p, trust_unverified)), (model, run_cfg, None))[1])
     assert main(["--checkpoint", "RUN", "--output", str(tmp_path / "out")]) == 0
-    assert seen == ["RUN"] and "deepseek_v3" in capsys.readouterr().out
+    assert seen == [("RUN", False)] and "deepseek_v3" in capsys.readouterr().out
+    assert main(["--checkpoint", "RUN", "--output", str(tmp_path / "out2"), "--trust-unverified"]) == 0
+    assert seen[-1] == ("RUN", True)
     loaded, _ = from_hf(tmp_path / "out")
     ids = torch.randint(0, cfg.vocab_size, (1, 12))
     with torch.no_grad():
