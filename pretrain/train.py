@@ -447,15 +447,17 @@ def train(cfg: Config) -> None:
     if run.state.step >= run.last_step:
         print(f"[train] {cfg.train.output_dir} is already at step {run.state.step}; nothing to do", flush=True)
     first = run.state.step + 1
-    for step in range(first, run.last_step + 1):
-        with collective_failures(run, step):
-            stop = train_one(run, step)
-        if step == first and cfg.train.step_timeout_s:  # start-up and first step (compilation) are done
-            set_collective_timeout(cfg.train.step_timeout_s)
-            run.timeout_key = f"train.step_timeout_s={cfg.train.step_timeout_s}"
-        if stop:
-            break
-    run.metrics.close()
+    try:
+        for step in range(first, run.last_step + 1):
+            with collective_failures(run, step):
+                stop = train_one(run, step)
+            if step == first and cfg.train.step_timeout_s:  # start-up and first step (compilation) are done
+                set_collective_timeout(cfg.train.step_timeout_s)
+                run.timeout_key = f"train.step_timeout_s={cfg.train.step_timeout_s}"
+            if stop:
+                break
+    finally:
+        run.metrics.close()  # TensorBoard events are flushed also when the run aborts
 
 
 def train_one(run: Run, step: int) -> bool:
@@ -496,6 +498,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _print_error(e: Exception) -> None:
+    # One write per line: every rank prints its error to the same pipe, and print()'s separate writes of the
+    # message and the newline can interleave between processes.
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     from data_pipeline.readers import DataError
 
@@ -503,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_config(args.config, args.overrides))
     except (ConfigError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _print_error(e)
         return 2
     except (CheckpointError, TrainingAborted) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _print_error(e)
         return 1
     finally:
         if dist.is_initialized():
@@ -515,4 +524,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalisation: tearing down gloo's and DeepSpeed's C++ worker threads there occasionally
+    # aborts a run that has finished ("terminate called without an active exception", SIGABRT). Everything the
+    # run writes is closed by now (checkpoints, metrics.jsonl, TensorBoard) and the process groups are destroyed.
+    os._exit(code)
