@@ -288,9 +288,8 @@ class DeepSeekPipeline(PipelineModule):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def _expert_keys(self, layer: nn.Module) -> set[str]:
-        from parallel.expert import ExpertParallelExperts
-        return {f"{name}.{p}" for name, m in layer.named_modules() if isinstance(m, ExpertParallelExperts)
-                for p, _ in m.named_parameters(recurse=False)}
+        from parallel.shards import expert_parameter_names
+        return expert_parameter_names(layer)
 
     def _expert_path(self, ckpt_dir: str, local_idx: int) -> str:
         return self.ckpt_layer_path(ckpt_dir, local_idx).replace("-model_states.pt",

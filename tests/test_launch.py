@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from parallel.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "launch_scripts"
 STEPS = 20
 STDLIB = Path(os.__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_small_data(out: Path) -> Path:

@@ -1,7 +1,6 @@
 """PreemptionHandler: a signal to one rank stops every rank at the same step; single-process and error paths."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import time
 
 import pytest
 
+from parallel.testing import free_port
 from pretrain.preemption import PreemptionHandler
 
 WORKER = textwrap.dedent("""
@@ -28,16 +28,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_on_one_rank_stops_all_at_same_step(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -10,7 +10,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from parallel.testing import free_port
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [STDLIB / f for f in ("argparse.py", "dataclasses.py", "shutil.py", "textwrap.py")]
@@ -27,12 +28,6 @@ STEPS = 4
 COMMON = ["--config", "tiny", f"train.steps={STEPS}", "train.save_interval=100", "train.log_interval=1",
           "train.heatmap_interval=2", "train.batch_size_rampup=[[0, 4], [256, 8]]"]
 TOKENS = [128, 256, 512, 768]  # cumulative tokens after each step (seq 32)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
