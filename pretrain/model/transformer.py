@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.attention import build_attention
+from pretrain.model.head import LMHead
 from pretrain.model.layers import MLP, RMSNorm, RotaryEmbedding
 from pretrain.model.moe import MoE, GroupedExperts, Router
 
@@ -33,7 +34,7 @@ class ModelOutput:
     expert_load: torch.Tensor | None = None
     """(num_moe_layers, n_routed_experts) float: tokens routed to each expert (main layers first, then MTP)."""
     logits: torch.Tensor | None = None
-    """(B, T, V) main-head logits."""
+    """(B, T, V) main-head logits; None when the fused head loss ran (``DeepSeekModel.head_loss``)."""
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ class DeepSeekModel(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, use_moe=cfg.is_moe and i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
         self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -157,10 +158,10 @@ class DeepSeekModel(nn.Module):
         for layer in self.layers:
             h, s = self._run(layer, h, cos, sin)
             stats.append(s)
-        logits = self.lm_head(self.norm(h))
         if labels is None:
-            return logits
-        out = ModelOutput(lm_loss=self.loss_fn(logits, labels), logits=logits)
+            return self.lm_head(self.norm(h))
+        lm_loss, logits = self.head_loss(self.norm(h), labels)
+        out = ModelOutput(lm_loss=lm_loss, logits=logits)
         for k, module in enumerate(self.mtp, start=1):
             # Depth k sees the embedding of token i+k and predicts token i+k+1 = labels[i+k]. Rolling wraps the
             # last k positions; causal attention keeps them from the others and their labels are ignored.
@@ -169,9 +170,20 @@ class DeepSeekModel(nn.Module):
             stats.append(s)
             labels_k = torch.roll(labels, -k, dims=1)
             labels_k[:, T - k:] = -100
-            out.mtp_losses.append(self.loss_fn(self.lm_head(module.norm(h)), labels_k))
+            out.mtp_losses.append(self.head_loss(module.norm(h), labels_k)[0])
         self._collect_moe_stats(out, [s for s in stats if s is not None], h)
         return out
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normed hidden states (B, T, H), labels (B, T) -> (mean CE over non-ignored labels, logits or None).
+
+        With the plain head and loss (``LMHead``, ``loss_fn`` = ``cross_entropy_loss``) the fused chunked
+        linear-cross-entropy runs and no logits exist (pretrain/model/head.py); a replaced head or loss (tensor
+        parallelism's vocab-parallel pair, a test's probe) gets the logits through ``loss_fn`` as before."""
+        if self.loss_fn is cross_entropy_loss and type(self.lm_head) is LMHead:
+            return self.lm_head(h, labels=labels) / (labels != -100).sum().clamp(min=1), None
+        logits = self.lm_head(h)
+        return self.loss_fn(logits, labels), logits
 
     def _collect_moe_stats(self, out: ModelOutput, stats: list, h: torch.Tensor) -> None:
         if not stats:
