@@ -1,6 +1,7 @@
 """The fast paths of pretrain.model are taken and give the reference numbers (speed itself: bench/run_all.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -9,6 +10,7 @@ from torch.profiler import profile
 import pretrain.model.moe as moe
 from pretrain.config import ModelConfig
 from pretrain.model import build_model
+import pretrain.model.attention as attention
 from pretrain.model.attention import _causal_sdpa
 
 TINY_MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
@@ -39,6 +41,38 @@ def test_mla_attention_takes_the_cpu_flash_kernel_with_the_math_path_numbers():
     torch.testing.assert_close(_causal_sdpa(q, k, v), ref.transpose(1, 2).flatten(2), rtol=1e-5, atol=1e-5)
     for got, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def _math_reference(q, k, v, dout):
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+    out.backward(dout.float())
+    return [out, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+def test_blocked_attention_on_cpu_equals_the_math_path(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    T = 200  # three full blocks of 64 rows and a partial one
+    q, k = torch.randn(2, 3, T, 24, generator=g), torch.randn(2, 3, T, 24, generator=g)
+    v, dout = torch.randn(2, 3, T, 8, generator=g), torch.randn(2, T, 3 * 8, generator=g)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    ops = _ops(lambda: _causal_sdpa(q, k, v).backward(dout.to(dtype)))
+    assert "BlockedCausalAttention" in ops and not any("scaled_dot_product" in o for o in ops)
+    got = [_causal_sdpa(q, k, v), q.grad, k.grad, v.grad]
+    for a, b in zip(got, _math_reference(q, k, v, dout)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol)
+
+
+def test_attention_takes_sdpa_when_the_score_block_is_too_large(monkeypatch):
+    q = k = torch.randn(1, 2, 256, 16)
+    v = torch.randn(1, 2, 256, 16)
+    assert attention._blocked_ok(q, k, False) and not attention._blocked_ok(q, k, True)  # GQA: SDPA
+    assert not attention._blocked_ok(q[:, :, :100], k[:, :, :100], False)  # under two blocks: SDPA
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1 << 14)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in _ops(lambda: _causal_sdpa(q, k, v))
 
 
 def test_model_step_uses_grouped_mm_and_flash_and_no_bincount():

@@ -1,8 +1,9 @@
 """Causal self-attention: multi-head / grouped-query (Llama layout) and multi-head latent attention (DeepSeek MLA).
 
-Both call ``F.scaled_dot_product_attention`` with a causal mask. ``self.recompute_core`` (set by
+Both attend through ``_causal_sdpa``: ``F.scaled_dot_product_attention`` with a causal mask (GPU, and large
+shapes on CPU) or, on CPU, the blocked GEMM attention below. ``self.recompute_core`` (set by
 ``DeepSeekModel.set_activation_checkpointing("selective")``) recomputes the attention core in backward: for MLA
-the expansion of the KV latent into per-head keys/values plus SDPA, for mha/gqa the SDPA call.
+the expansion of the KV latent into per-head keys/values plus attention, for mha/gqa the attention call.
 """
 from __future__ import annotations
 
@@ -14,21 +15,93 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.model.layers import RMSNorm, apply_rope_half, apply_rope_interleaved, yarn_mscale
 
 
+CHUNK_ROWS = 64
+"""Query rows per block of the CPU blocked attention (64 measured fastest at T=512, fp32 and bf16)."""
+CHUNK_ELEMENTS = 1 << 24
+"""Largest (B, H, CHUNK_ROWS, T) score block it materialises (64 MiB fp32); larger shapes take SDPA's kernel."""
+
+
+def _blocked_ok(q: torch.Tensor, k: torch.Tensor, enable_gqa: bool) -> bool:
+    B, H, T, _ = q.shape
+    return (q.device.type == "cpu" and not enable_gqa and k.shape[1] == H and T >= 2 * CHUNK_ROWS
+            and B * H * CHUNK_ROWS * T <= CHUNK_ELEMENTS)
+
+
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  enable_gqa: bool = False) -> torch.Tensor:
     """q (B, Hq, T, Dqk), k (B, Hkv, T, Dqk), v (B, Hkv, T, Dv) -> (B, T, Hq * Dv).
 
-    On CPU a value head narrower than the query/key head (MLA: 64 vs 96 in the reference bench) is zero-padded to
-    the key width and the extra columns dropped: the CPU flash kernel needs equal widths, and without it SDPA
-    falls back to the math path (materialised T x T scores, masked half computed too). Same numbers; 14% faster
-    bf16 training step and 2% fp32 on the reference bench, and no (B, H, T, T) tensors saved for backward.
-    CUDA's memory-efficient kernel takes unequal widths as they are.
+    On CPU, when the score block fits ``CHUNK_ELEMENTS``, ``BlockedCausalAttention`` (below); otherwise
+    ``F.scaled_dot_product_attention``. There, on CPU, a value head narrower than the query/key head (MLA: 64 vs
+    96 in the reference bench) is zero-padded to the key width and the extra columns dropped: the CPU flash kernel
+    needs equal widths, and without it SDPA falls back to the math path (materialised T x T scores, masked half
+    computed too). CUDA's flash / memory-efficient kernels take unequal widths as they are.
     """
-    dv = v.shape[-1]
-    if q.device.type == "cpu" and dv < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)[..., :dv]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _blocked_ok(q, k, enable_gqa):
+        out = BlockedCausalAttention.apply(q, k, v, scale)
+    else:
+        dv = v.shape[-1]
+        if q.device.type == "cpu" and dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)[..., :dv]
     return out.transpose(1, 2).flatten(2)
+
+
+class BlockedCausalAttention(torch.autograd.Function):
+    """Causal attention over blocks of ``CHUNK_ROWS`` query rows, as batched GEMMs (the FlashAttention algorithm at
+    block granularity, for CPU).
+
+    Block i's rows attend to keys ``[0, end_i)`` only, so the masked upper triangle beyond the block is never
+    computed; scores and softmax are fp32 (bf16 inputs: the GEMMs run in bf16). Forward keeps only the output and
+    the per-row log-sum-exp; backward recomputes each block's probabilities from them (no (T, T) tensor is ever
+    saved). Why not SDPA on CPU: its flash kernel's backward runs well below the GEMM rate on these shapes, and its
+    value head must be padded to the key width for MLA: fwd+bwd of the reference bench's attention (4 x 4 heads x
+    512, qk 96, v 64) 43 ms -> 32 ms fp32, 43 -> 36 ms bf16 (bench/results.md has the whole-step effect).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, T, _ = q.shape
+        out = q.new_empty(B, H, T, v.shape[-1])
+        lse = q.new_empty(B, H, T, 1, dtype=torch.float32)
+        for start, end, scores in _block_scores(q, k, scale):
+            row_lse = scores.logsumexp(dim=-1, keepdim=True)
+            probs = scores.sub_(row_lse).exp_()
+            torch.matmul(probs.to(v.dtype), v[:, :, :end], out=out[:, :, start:end])
+            lse[:, :, start:end] = row_lse
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        acc = torch.float32
+        dq = torch.empty_like(q)
+        dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
+        for start, end, scores in _block_scores(q, k, ctx.scale):
+            probs = scores.sub_(lse[:, :, start:end]).exp_()
+            d_o = dout[:, :, start:end]
+            dv[:, :, :end] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), d_o)
+            dp = torch.matmul(d_o, v[:, :, :end].transpose(-1, -2)).to(acc)
+            ds = dp.sub_(delta[:, :, start:end]).mul_(probs).mul_(ctx.scale).to(q.dtype)
+            torch.matmul(ds, k[:, :, :end], out=dq[:, :, start:end])
+            dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q[:, :, start:end])
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _block_scores(q: torch.Tensor, k: torch.Tensor, scale: float):
+    """Yield (start, end, fp32 scaled scores (B, H, end - start, end) with the causal mask applied) per block."""
+    T = q.shape[2]
+    upper = torch.ones(CHUNK_ROWS, CHUNK_ROWS, dtype=torch.bool, device=q.device).triu_(1)
+    for start in range(0, T, CHUNK_ROWS):
+        end = min(start + CHUNK_ROWS, T)
+        scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-1, -2)).to(torch.float32).mul_(scale)
+        scores[..., start:end].masked_fill_(upper[:end - start, :end - start], float("-inf"))
+        yield start, end, scores
 
 
 class Attention(nn.Module):
