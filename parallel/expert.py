@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.model.moe import GroupedExperts, expert_counts
+from pretrain.model.moe import GroupedExperts, expert_counts, gather_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -132,13 +132,13 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     input_splits = counts.view(ep, num_local).sum(dim=1).tolist()
     output_splits = recv_counts.sum(dim=1).tolist()  # host sync: the split sizes must be known on the CPU
 
-    x_recv = all_to_all(x[token_index], output_splits, input_splits, group)  # (M, H) grouped by source rank
+    x_recv = all_to_all(gather_rows(x, token_index), output_splits, input_splits, group)  # (M, H) grouped by source rank
     local_expert = torch.arange(num_local, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
     recv_order = local_expert.argsort(stable=True)
     ctx = DispatchContext(token_index=token_index, weight=flat_weight[order], recv_order=recv_order,
                           input_splits=input_splits, output_splits=output_splits, num_tokens=x.shape[0],
                           num_dropped=num_dropped, group=group)
-    return x_recv[recv_order], recv_counts.sum(dim=0), ctx
+    return gather_rows(x_recv, recv_order), recv_counts.sum(dim=0), ctx
 
 
 def combine(expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:

@@ -87,3 +87,17 @@ def test_expert_counts_equal_bincount():
     idx = torch.randint(0, 16, (1000,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(moe.expert_counts(idx, 16), torch.bincount(idx, minlength=16))
     assert moe.expert_counts(torch.tensor([3, 3]), 5).tolist() == [0, 0, 0, 2, 0]
+
+
+def test_gather_rows_backward_is_index_add_with_the_index_gradient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    index = torch.tensor([5, 0, 0, 3, 5, 5])  # repeats accumulate, unused rows get zero
+    dy = torch.randn(6, 4, generator=g)
+    moe.gather_rows(x, index).backward(dy)
+    ref = x.detach().clone().requires_grad_()
+    ref[index].backward(dy)
+    assert torch.equal(moe.gather_rows(x, index), x[index])
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=1e-6)
+    ops = _ops(lambda: moe.gather_rows(x, index).sum().backward())
+    assert "aten::index_add_" in ops and "aten::_index_put_impl_" not in ops

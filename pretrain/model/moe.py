@@ -78,7 +78,7 @@ class GroupedExperts(nn.Module):
         order = flat_idx.argsort(stable=True)  # token copies sorted by expert
         token_of = order // topk_idx.shape[1]
         counts = expert_counts(flat_idx, self.num_experts)  # (E,)
-        y = self.compute(x[token_of], counts)  # (N*K, H)
+        y = self.compute(gather_rows(x, token_of), counts)  # (N*K, H)
         y = y * topk_weight.flatten()[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
@@ -109,6 +109,29 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
         return x.dtype in (torch.float32, torch.bfloat16)
     return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is one ``index_add_``.
+
+    Autograd's own backward for ``x[index]`` is ``index_put_`` with accumulation: 4.2 ms against 0.3 ms for
+    ``index_add_`` at the reference bench's dispatch (8,192 copies of 2,048 x 256 tokens, 2 CPU threads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_rows, *grad.shape[1:]).index_add_(0, index, grad), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[index]`` (index (M,) long, repeats allowed) with a fast backward: the MoE dispatch gather."""
+    return _GatherRows.apply(x, index)
 
 
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
