@@ -1,12 +1,12 @@
 """Training-step throughput of our model vs transformers' DeepseekV3 on the same architecture and weights.
 
-    python bench/bench_model.py [--rounds 4] [--threads 1] [--preset small-moe]
+    python bench/bench_model.py [--rounds 4] [--threads 2] [--preset small-moe] [--variants ...]
 
 Full step = forward, backward, AdamW step. Reference architecture: batch 4 x 512, hidden 256, 4 layers, 16 experts
 top-4 (``REFERENCE``); ``--preset`` benches a preset's model at its micro-batch x seq_length instead. The models
-alternate within one run (same weights via ``to_hf``) so machine noise hits all alike. Each step is timed by the
-wall clock and by this process's CPU time: on a shared machine the CPU time is the robust figure with one thread
-(no spinning OpenMP workers), so ratios are given from both. MFU = step FLOPs (``pretrain.info.flops_per_token``,
+alternate within one run (same weights via ``to_hf``) so machine noise hits all alike, and each figure is the
+minimum over the rounds. Each step is timed by the wall clock and by this process's CPU time (with one thread the
+CPU time is robust to other jobs; with two, idle OpenMP workers spin and count), so ratios are given from both. MFU = step FLOPs (``pretrain.info.flops_per_token``,
 Megatron's convention: 3 x forward, 2 FLOPs per multiply-add, causal attention halved, no MTP) over the measured
 fp32 GEMM rate at the same thread count. Also prints the expert-compute backends (``torch._grouped_mm`` vs a
 loop over contiguous per-expert slices).
@@ -17,7 +17,6 @@ norms and loss in fp32 inside the model), fp32 master weights in the AdamW step.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -120,13 +119,13 @@ def master_weight_step(model: torch.nn.Module, **adamw):
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool = False, bf16_master: bool = False,
-               fused_adamw: bool = False):
+def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool = False, bf16_master: bool = False):
     """A closure running one full step (zero_grad, forward, backward, AdamW) on ids (B, T+1); returns the loss.
 
-    AdamW as the loop builds it (DeepSpeed ``torch_adam``: torch's default, a per-tensor loop on CPU) or, with
-    ``fused_adamw``, ``fused=True`` (one kernel over all tensors; a DeepSpeed optimizer param, see results.md)."""
-    adamw = {**ADAMW, "fused": True} if fused_adamw else ADAMW
+    AdamW with ``fused=True`` on both sides: what our loop runs (``pretrain.engine`` passes ``fused`` to DeepSpeed's
+    ``torch_adam``) and transformers' ``Trainer`` default on torch >= 2.8 (``adamw_torch_fused``), so the ratio
+    compares the models' forward/backward, not optimizer choices."""
+    adamw = {**ADAMW, "fused": True}
     optimizer_step = (master_weight_step(model, **adamw) if bf16_master
                       else torch.optim.AdamW(model.parameters(), **adamw).step)
 
@@ -152,14 +151,14 @@ def transformers_twin(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dty
         return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).train()
 
 
-VARIANTS = ("ours", "transformers", "ours bf16", "transformers bf16", "ours compiled", "ours bf16 compiled",
-            "ours fused-adamw", "ours bf16 fused-adamw", "ours compiled fused-adamw", "ours bf16 compiled fused-adamw")
+VARIANTS = ("ours", "transformers", "ours bf16", "transformers bf16", "ours compile=blocks", "ours compile=model",
+            "ours bf16 compile=blocks", "ours bf16 compile=model")
 
 
 def make_steps(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, variants=("ours", "transformers"),
                device: str = "cpu") -> dict:
-    """name -> step closure, all on the same initial weights and batch. Variants: ``VARIANTS``; "compiled" =
-    ``DeepSeekModel.compile_blocks()`` (regional torch.compile), "fused-adamw" = AdamW(fused=True)."""
+    """name -> step closure, all on the same initial weights and batch. Variants: ``VARIANTS``; "compile=blocks"
+    and "compile=model" are what ``train.compile`` does (``DeepSeekModel.compile_blocks()`` / ``model.compile()``)."""
     torch.manual_seed(0)
     base = build_model(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
@@ -175,9 +174,11 @@ def make_steps(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, variants=("
         model = build_model(cfg).train()
         model.load_state_dict(base.state_dict())
         model.to(device, torch.bfloat16 if bf16 else torch.float32)
-        if "compiled" in name:
+        if name.endswith("compile=blocks"):
             model.compile_blocks()
-        steps[name] = train_step(model, ids, bf16_master=bf16, fused_adamw="fused-adamw" in name)
+        elif name.endswith("compile=model"):
+            model.compile()
+        steps[name] = train_step(model, ids, bf16_master=bf16)
     return steps
 
 
@@ -199,12 +200,14 @@ def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
 
 
 def summarize(times: dict, tokens: int, flops: float, gemm: dict, baseline: str) -> list[dict]:
-    """Rows: median wall s, min CPU s, tokens/s and MFU from each, speed ratio vs ``baseline`` from each.
+    """Rows: min wall s, min CPU s, tokens/s and MFU from each, speed ratio vs ``baseline`` from each.
+
+    Minimum over the rounds for both clocks: other jobs on a shared machine only ever add time.
 
     gemm: {"wall": rate, "cpu": rate} (``gemm_flops_per_sec`` with each clock), the MFU denominators."""
     rows = []
     for name, t in times.items():
-        wall, cpu = statistics.median(t["wall"]), min(t["cpu"])
+        wall, cpu = min(t["wall"]), min(t["cpu"])
         rows.append({"name": name, "wall_s": wall, "cpu_s": cpu, "tok_s_wall": tokens / wall,
                      "tok_s_cpu": tokens / cpu, "mfu_wall": flops / wall / gemm["wall"],
                      "mfu_cpu": flops / cpu / (gemm["cpu"] / torch.get_num_threads())})
@@ -215,7 +218,7 @@ def summarize(times: dict, tokens: int, flops: float, gemm: dict, baseline: str)
 
 
 def format_rows(rows: list[dict], baseline: str) -> str:
-    head = (f"| variant | step s (wall, median) | step CPU-s (min) | tokens/s (wall) | tokens/s (CPU) | MFU (wall) "
+    head = (f"| variant | step s (wall, min) | step CPU-s (min) | tokens/s (wall) | tokens/s (CPU) | MFU (wall) "
             f"| MFU (CPU) | vs {baseline} (wall) | vs {baseline} (CPU) |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
@@ -228,7 +231,7 @@ def format_rows(rows: list[dict], baseline: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant (alternating)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--preset", default="reference", help="reference or a preset name (e.g. small-moe)")
     parser.add_argument("--variants", nargs="+", default=["ours", "transformers", "ours bf16"], choices=VARIANTS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GEMM rate and MFU then on that device)")

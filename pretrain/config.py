@@ -190,6 +190,9 @@ class TrainConfig:
     """none, full (recompute each block) or selective (recompute attention core only)."""
     precision: str = "bf16"
     """bf16 or fp32."""
+    compile: str = "none"
+    """torch.compile: none, blocks (each transformer block, regional) or model (the whole model; pp=1 only).
+    Measured on CPU in bench/results.md; the first steps include the compilation."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU (null = measured GEMM rate on CPU, 989e12 on GPU)."""
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -504,6 +507,10 @@ def validate(cfg: Config) -> None:
     _check(t.precision in ("bf16", "fp32"), f"train.precision={t.precision!r}: use bf16 or fp32")
     _check(t.activation_checkpointing in ("none", "full", "selective"),
            f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, full or selective")
+    _check(t.compile in ("none", "blocks", "model"),
+           f"train.compile={t.compile!r}: use none, blocks or model")
+    _check(not (t.compile == "model" and p.pp > 1),
+           f"train.compile=model with parallel.pp={p.pp}: pipeline stages are not one model; use train.compile=blocks")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="

@@ -188,7 +188,12 @@ def build_model_for(cfg: Config, topo):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    return parallelize_model(model, topo, cfg)
+    model = parallelize_model(model, topo, cfg)
+    if cfg.train.compile == "blocks":
+        model.compile_blocks()
+    elif cfg.train.compile == "model":
+        model.compile()
+    return model
 
 
 def seed_rank(seed: int, rank: int) -> None:

@@ -30,6 +30,8 @@ def test_overrides_types():
     (["train.global_batch_size=7"], "train.global_batch_size"),
     (["schedule.decay_factors=[0.5]"], "schedule.decay_points"),
     (["train.steps=abc"], "train.steps"),
+    (["train.compile=inductor"], "train.compile"),
+    (["train.compile=model", "parallel.pp=2"], "train.compile=model with parallel.pp=2"),
 ])
 def test_bad_config_one_line(override, key):
     with pytest.raises(ConfigError) as e:

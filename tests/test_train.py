@@ -196,3 +196,11 @@ def test_activation_checkpointing_keeps_numbers_and_resume_checks_architecture(s
     proc = train(out, f"data.paths=[{shards / 'train'}]", "model.moe_intermediate_size=48", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.moe_intermediate_size=48 but checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_torch_compile_keeps_numbers(shards, reference_run, tmp_path, mode):
+    out = tmp_path / mode
+    train(out, f"data.paths=[{shards / 'train'}]", f"train.compile={mode}", "train.exit_at_step=2")
+    for a, b in zip(losses(reference_run), losses(out)):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3
