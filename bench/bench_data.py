@@ -79,15 +79,36 @@ def bench_raw(files: list[str], model: str, segmented: bool) -> tuple[float, flo
     return time.perf_counter() - start, cpu_seconds() - cpu, tokens, nbytes
 
 
-def bench_build(files: list[str], model: str, workers: int) -> tuple[float, float, int, dict]:
+def bench_loader(shards: str, seq_length: int = 128, micro_batch: int = 8, global_batch: int = 32,
+                 batches: int = 50) -> str:
+    """What the training loop does per step to get its data: ``SampleStream.next_batch`` (megatron-core
+    GPTDataset/BlendedDataset indexing over the memory-mapped shards, then stacking) for small-moe's shapes."""
+    from data_pipeline.dataset import SampleStream, build_dataset
+
+    ds = build_dataset([shards], None, seq_length, 1234, global_batch * (batches + 1))
+    stream = SampleStream(ds, 0, 1, micro_batch)
+    stream.next_batch(global_batch)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        stream.next_batch(global_batch)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return (f"loader (SampleStream.next_batch, global batch {global_batch} x {seq_length}, {micro_batch}-sequence "
+            f"micro-batches): {best * 1e3:.2f} ms per step = {global_batch * seq_length / best / 1e6:.1f} M tokens/s")
+
+
+def bench_build(files: list[str], model: str, workers: int, loader: list | None = None) -> tuple[float, float, int, dict]:
     out = os.path.join(CACHE, f"shards_w{workers}")
     shutil.rmtree(out, ignore_errors=True)
     start, cpu, main_cpu = time.perf_counter(), cpu_seconds(), cpu_seconds(children=False)
     manifest = build(files, model, out, workers=workers, progress=False)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     manifest["main_cpu_s"] = cpu_seconds(children=False) - main_cpu  # reading, IPC, writing
+    if loader is not None:
+        loader.append(bench_loader(out))
     shutil.rmtree(out, ignore_errors=True)
-    return elapsed, cpu_seconds() - cpu, manifest["tokens"], manifest
+    return elapsed, cpu, manifest["tokens"], manifest
 
 
 def main() -> None:
@@ -108,9 +129,9 @@ def main() -> None:
     assert seg_tokens == raw_tokens
     rows.append(("raw, newline-segmented (1 proc)", seg_s, seg_cpu, seg_tokens))
     best_raw = min(raw_s, seg_s)
-    main_cpu = {}
+    main_cpu, loader = {}, []
     for workers in args.workers:
-        elapsed, cpu, tokens, manifest = bench_build(files, model, workers)
+        elapsed, cpu, tokens, manifest = bench_build(files, model, workers, None if loader else loader)
         # the builder adds one <eos> per document; everything else must match the raw run
         assert tokens == raw_tokens + manifest["documents"], (tokens, raw_tokens, manifest["documents"])
         rows.append((f"build --workers {workers}", elapsed, cpu, tokens))
@@ -129,6 +150,7 @@ def main() -> None:
     for workers, seconds in main_cpu.items():
         print(f"build --workers {workers}: the main process used {seconds:.2f} CPU s (reading, IPC, writing); "
               f"the rest is the workers'")
+    print("\n".join(loader))
     print(f"\nload average after: {os.getloadavg()[0]:.1f} (the ratios are only meaningful on idle cores)")
 
 

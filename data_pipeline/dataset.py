@@ -186,13 +186,15 @@ class SampleStream:
     depend on the data-parallel size and ``consumed_samples`` alone is the resume state.
     """
 
-    def __init__(self, ds, dp_rank: int, dp_size: int, micro_batch_size: int, consumed_samples: int = 0):
+    def __init__(self, ds, dp_rank: int, dp_size: int, micro_batch_size: int, consumed_samples: int = 0,
+                 pin_memory: bool = False):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.ds, self.dp_rank, self.dp_size, self.micro_batch_size = ds, dp_rank, dp_size, micro_batch_size
         self.consumed_samples = consumed_samples
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous host-to-GPU copies (non_blocking=True)
 
     def next_batch(self, global_batch_size: int) -> list[torch.Tensor]:
         """This rank's micro-batches of the next global batch: list of LongTensor ``(mb, seq_length + 1)``."""
@@ -207,7 +209,8 @@ class SampleStream:
         micro_batches = []
         for first in range(start, start + per_rank, self.micro_batch_size):
             rows = [self.ds[i] for i in range(first, first + self.micro_batch_size)]
-            micro_batches.append(torch.from_numpy(np.stack(rows)))
+            batch = torch.from_numpy(np.stack(rows))
+            micro_batches.append(batch.pin_memory() if self.pin_memory else batch)
         self.consumed_samples += global_batch_size
         return micro_batches
 

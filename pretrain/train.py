@@ -166,14 +166,14 @@ def install_fault_hooks(engine, state: TrainState, rank: int) -> None:
     print(f"[fault] rank {rank}: NaN gradients of {name}[0] per PRETRAIN_FAULT", file=sys.stderr, flush=True)
 
 
-def build_data(cfg: Config, topo, state: TrainState):
-    """(training SampleStream positioned at the resume point, eval dataset or None)."""
+def build_data(cfg: Config, topo, state: TrainState, pin_memory: bool = False):
+    """(training SampleStream positioned at the resume point, eval dataset or None); pinned batches on GPU."""
     from data_pipeline.dataset import SampleStream, build_dataset
 
     d, t = cfg.data, cfg.train
     train_ds = build_dataset(d.paths, d.weights, d.seq_length, t.seed, total_samples(cfg))
     stream = SampleStream(train_ds, topo.dp_rank, topo.dp_size, t.micro_batch_size,
-                          consumed_samples=state.consumed_samples)
+                          consumed_samples=state.consumed_samples, pin_memory=pin_memory)
     eval_ds = None
     if d.eval_paths and t.eval_interval > 0:
         eval_ds = build_dataset(d.eval_paths, None, d.seq_length, t.seed, t.eval_iters * t.micro_batch_size * topo.dp_size)
@@ -245,7 +245,7 @@ def setup(cfg: Config) -> Run:
         truncate_metrics_log(run_dir, state.step)
     if global_batch_at(state.tokens_seen, cfg) != engine.train_batch_size():
         engine.set_train_batch_size(global_batch_at(state.tokens_seen, cfg))
-    stream, eval_ds = build_data(cfg, topo, state)
+    stream, eval_ds = build_data(cfg, topo, state, pin_memory=device.type == "cuda")
     steps = total_steps(cfg)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, peak_flops=cfg.train.peak_flops,
                             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, include_mtp=True),
@@ -288,7 +288,7 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
         # the accumulation steps after a number of micro-steps that is not a multiple of the new value (and after
         # a resume, which restarts micro_steps at 0). The last micro-batch of this step is the boundary.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        tokens = tokens.to(run.device)  # (mb, seq + 1)
+        tokens = tokens.to(run.device, non_blocking=True)  # (mb, seq + 1), pinned on GPU: an async copy
         out = engine(tokens[:, :-1], labels=tokens[:, 1:])
         mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else torch.zeros_like(out.lm_loss)
         loss = (out.lm_loss + mtp_weight * mtp + cfg.moe.seq_aux_alpha * out.seq_aux_loss

@@ -116,6 +116,16 @@ def test_resume_at_sample_k_continues_exactly(corpus):
             assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA device")
+def test_pinned_batches_on_gpu_hosts(corpus):
+    def batches(pin):
+        ds = build_dataset([corpus["a"]], None, 16, seed=1, num_samples=16)
+        return SampleStream(ds, 0, 1, 4, pin_memory=pin).next_batch(8)
+    pinned, plain = batches(True), batches(False)
+    assert all(b.is_pinned() for b in pinned) and not any(b.is_pinned() for b in plain)
+    assert all(torch.equal(a, b) for a, b in zip(pinned, plain))
+
+
 def test_stream_errors(corpus):
     ds = build_dataset([corpus["a"]], None, 16, seed=1, num_samples=16)
     with pytest.raises(ValueError, match="not a multiple"):
