@@ -101,3 +101,12 @@ def test_gather_rows_backward_is_index_add_with_the_index_gradient():
     torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=1e-6)
     ops = _ops(lambda: moe.gather_rows(x, index).sum().backward())
     assert "aten::index_add_" in ops and "aten::_index_put_impl_" not in ops
+
+
+def test_bf16_model_traces_without_graph_breaks():
+    """train.compile=model sees the whole bf16 step as one graph: blocked attention, grouped experts, fused head."""
+    torch._dynamo.reset()
+    model = build_model(ModelConfig(**TINY_MLA)).train().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 129), generator=torch.Generator().manual_seed(0))  # T = 128: blocked attention
+    explain = torch._dynamo.explain(lambda i, l: model(i, labels=l).lm_loss)(ids[:, :-1], ids[:, 1:])
+    assert explain.graph_break_count == 0, explain.break_reasons

@@ -68,7 +68,7 @@ class BlockedCausalAttention(torch.autograd.Function):
         for start, end, scores in _block_scores(q, k, scale):
             row_lse = scores.logsumexp(dim=-1, keepdim=True)
             probs = scores.sub_(row_lse).exp_()
-            torch.matmul(probs.to(v.dtype), v[:, :, :end], out=out[:, :, start:end])
+            out[:, :, start:end] = torch.matmul(probs.to(v.dtype), v[:, :, :end])  # (no out=: torch.compile traces it)
             lse[:, :, start:end] = row_lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
@@ -88,7 +88,7 @@ class BlockedCausalAttention(torch.autograd.Function):
             dv[:, :, :end] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), d_o)
             dp = torch.matmul(d_o, v[:, :, :end].transpose(-1, -2)).to(acc)
             ds = dp.sub_(delta[:, :, start:end]).mul_(probs).mul_(ctx.scale).to(q.dtype)
-            torch.matmul(ds, k[:, :, :end], out=dq[:, :, start:end])
+            dq[:, :, start:end] = torch.matmul(ds, k[:, :, :end])
             dk[:, :, :end] += torch.matmul(ds.transpose(-1, -2), q[:, :, start:end])
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
 

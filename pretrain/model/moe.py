@@ -141,18 +141,24 @@ def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
 
 
-@torch.compiler.disable
 def _grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor,
                     down_w: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over ragged groups: x (M, H) sorted by expert, counts (E,) -> (M, H).
 
-    Kept out of torch.compile graphs: the fake-tensor rule of ``_grouped_mm`` (torch 2.13) accepts only bf16
-    (the CUDA kernel's limit), while the CPU kernel runs fp32 too; eager autograd handles the backward.
+    Under torch.compile only bf16 is traced: the fake-tensor rule of ``_grouped_mm`` (torch 2.13) accepts only
+    bf16 (the CUDA kernel's limit) while the CPU kernel runs fp32 too, so fp32 calls run eagerly (a graph break).
     """
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_swiglu_eager(x, counts, gate_w, up_w, down_w)
     offs = counts.cumsum(0).to(torch.int32)
     gate = torch._grouped_mm(x, gate_w.transpose(-2, -1), offs=offs)
     up = torch._grouped_mm(x, up_w.transpose(-2, -1), offs=offs)
     return torch._grouped_mm(F.silu(gate) * up, down_w.transpose(-2, -1), offs=offs)
+
+
+@torch.compiler.disable
+def _grouped_swiglu_eager(x, counts, gate_w, up_w, down_w) -> torch.Tensor:
+    return _grouped_swiglu(x, counts, gate_w, up_w, down_w)
 
 
 def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
