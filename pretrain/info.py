@@ -332,12 +332,13 @@ def _layer_activation_elems(m: ModelConfig, moe: bool, tp: int, selective: bool)
 def _stage_activation_bytes(cfg: Config, stage: int, layers: list[int], tp: int, pp: int, dp: int) -> dict:
     """Activation bytes of one pipeline stage at its peak: ``saved`` (kept for backward by all
     micro-batches in flight; 1F1B: stage s holds pp - s of them) and ``transient`` (alive once: the
-    block being recomputed under full checkpointing, the logits before the fp32 upcast).
+    block being recomputed under full checkpointing, the head's largest temporaries).
 
-    Full checkpointing keeps each block's input only (2h for an MTP block: hidden and embedding). The
-    last stage keeps, for its one micro-batch, the final norms (3h each), the fp32 log-probabilities of
-    the main and MTP heads (vocab split by tp), and per MTP depth its two input norms, the 2h
-    concatenation and the block."""
+    Full checkpointing keeps each block's input only (an MTP block: its embedding; its hidden is counted). The
+    last stage keeps, for its one micro-batch, the final norms (3h each), per head (main and MTP) either
+    the fused head's dL/dh and weight-sized dL/dW (tp = pp = 1; transient: the fp32 dL/dW accumulator and
+    one fp32 logits chunk with its softmax) or the fp32 log-probabilities (vocab split by tp), and per
+    MTP depth its two input norms, the 2h concatenation and the block."""
     m, t = cfg.model, cfg.train
     tokens, h = t.micro_batch_size * cfg.data.seq_length, m.hidden_size
     act = 2 if t.precision == "bf16" else 4
@@ -353,9 +354,16 @@ def _stage_activation_bytes(cfg: Config, stage: int, layers: list[int], tp: int,
     saved, transient = in_flight * sum(kept), (max(map(block_bytes, layers), default=0.0) if full else 0.0)
     if stage == pp - 1:
         depth, last = m.num_nextn_predict_layers, m.num_hidden_layers - 1
-        saved += (1 + depth) * (norm + tokens * m.vocab_size / tp * 4)
-        saved += depth * (2 * tokens * h * act if full else block_bytes(last) + 2 * norm + 2 * tokens * h * act)
-        transient = max(transient, tokens * m.vocab_size / tp * act, block_bytes(last) if full and depth else 0.0)
+        if tp == 1 and pp == 1:  # fused head (pretrain/model/head.py): dL/dh and a weight-sized dL/dW per head
+            from pretrain.model.head import chunk_tokens
+            saved += (1 + depth) * (norm + tokens * h * act + m.vocab_size * h * act)
+            head = m.vocab_size * h * 4 + 2 * min(tokens, chunk_tokens(m.vocab_size)) * m.vocab_size * 4
+        else:  # logits through loss_fn: fp32 log-probabilities kept, the logits alive before the upcast
+            saved += (1 + depth) * (norm + tokens * m.vocab_size / tp * 4)
+            head = tokens * m.vocab_size / tp * act
+        # full: an MTP block keeps its embedding input (its hidden input is the head norm's input, counted above)
+        saved += depth * (tokens * h * act if full else block_bytes(last) + 2 * norm + 2 * tokens * h * act)
+        transient = max(transient, head, block_bytes(last) if full and depth else 0.0)
     return {"saved": saved, "transient": transient}
 
 
