@@ -199,6 +199,38 @@ def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
     return times
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def breakdown(steps: dict, repeats: int = 2) -> list[dict]:
+    """Per variant, one profiled step (the fastest of ``repeats``): the time inside GEMM kernels (mm, addmm, bmm:
+    the projections, experts, attention products and head) and the rest (elementwise, softmax, norms, routing,
+    optimizer, framework). The GEMM part bounds how fast the step can get at this machine's GEMM rate."""
+    from torch.profiler import profile
+
+    rows = []
+    for name, fn in steps.items():
+        best = None
+        for _ in range(repeats):
+            with profile() as prof:
+                fn()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / 1e6
+            gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+            if best is None or total < best["total_s"]:
+                best = {"name": name, "total_s": total, "gemm_s": gemm, "other_s": total - gemm}
+        rows.append(best)
+    return rows
+
+
+def format_breakdown(rows: list[dict]) -> str:
+    lines = ["| variant | profiled step s | in GEMM kernels s | other s | GEMM share |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['total_s']:.3f} | {r['gemm_s']:.3f} | {r['other_s']:.3f} | "
+                     f"{r['gemm_s'] / r['total_s']:.0%} |")
+    return "\n".join(lines)
+
+
 def summarize(times: dict, tokens: int, flops: float, gemm: dict, baseline: str) -> list[dict]:
     """Rows: min wall s, min CPU s, tokens/s and MFU from each, speed ratio vs ``baseline`` from each.
 
@@ -235,6 +267,7 @@ def main() -> None:
     parser.add_argument("--preset", default="reference", help="reference or a preset name (e.g. small-moe)")
     parser.add_argument("--variants", nargs="+", default=["ours", "transformers", "ours bf16"], choices=VARIANTS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GEMM rate and MFU then on that device)")
+    parser.add_argument("--breakdown", action="store_true", help="also profile one step per variant: GEMM vs rest")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg, batch, seq = arch(args.preset)
@@ -242,7 +275,8 @@ def main() -> None:
     gemm_dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     gemm = {clock: gemm_flops_per_sec(clock=clock, device=args.device, dtype=gemm_dtype) for clock in ("wall", "cpu")}
     backends = time_expert_backends() if args.device == "cpu" else {}
-    times = alternate(make_steps(cfg, batch, seq, args.variants, args.device), args.rounds)
+    steps = make_steps(cfg, batch, seq, args.variants, args.device)
+    times = alternate(steps, args.rounds)
     print(f"{args.preset}: threads={args.threads} batch={batch}x{seq} rounds={args.rounds} (alternating)")
     print(f"measured {str(gemm_dtype)[6:]} GEMM rate: {gemm['wall'] / 1e9:.1f} GFLOP/s wall, {gemm['cpu'] / 1e9:.1f} GFLOP/s "
           "CPU time (2048^3 matmul, best of 5)")
@@ -252,6 +286,8 @@ def main() -> None:
     print(f"step FLOPs: {flops / 1e9:.1f} GFLOP (pretrain.info.flops_per_token, Megatron convention, no MTP)")
     baseline = "transformers" if "transformers" in times else next(iter(times))
     print(format_rows(summarize(times, batch * seq, flops, gemm, baseline), baseline))
+    if args.breakdown and args.device == "cpu":
+        print(format_breakdown(breakdown(steps)))
 
 
 if __name__ == "__main__":

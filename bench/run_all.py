@@ -103,8 +103,12 @@ def model_steps(report: Report, args, gemm: dict) -> dict:
         flops = bm.step_flops(cfg, batch, seq)
         rows = bm.summarize(times, batch * seq, flops, gemm, "transformers")
         out[name] = rows
+        split = ""
+        if name == "reference":
+            split = ("\n\nWhere the time goes (one profiled step each; profiler overhead included):\n\n"
+                     + bm.format_breakdown(bm.breakdown({k: steps[k] for k in steps if "compile" not in k})))
         report.section(f"Training step: {name} (batch {batch} x {seq}, {flops / 1e9:.2f} GFLOP/step, "
-                       f"{args.rounds} alternating rounds)", bm.format_rows(rows, "transformers"))
+                       f"{args.rounds} alternating rounds)", bm.format_rows(rows, "transformers") + split)
     return out
 
 
