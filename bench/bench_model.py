@@ -44,7 +44,7 @@ def arch(name: str) -> tuple[ModelConfig, int, int]:
     return cfg.model, cfg.train.micro_batch_size, cfg.data.seq_length
 
 
-def gemm_flops_per_sec(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32,
+def gemm_flops_per_sec(n: int = 2048, reps: int = 12, dtype: torch.dtype = torch.float32,
                        clock: str = "wall", device: str = "cpu") -> float:
     """Best-of matmul rate (2 n^3 FLOPs per product) in ``dtype`` at the current thread count.
 
@@ -279,7 +279,7 @@ def main() -> None:
     times = alternate(steps, args.rounds)
     print(f"{args.preset}: threads={args.threads} batch={batch}x{seq} rounds={args.rounds} (alternating)")
     print(f"measured {str(gemm_dtype)[6:]} GEMM rate: {gemm['wall'] / 1e9:.1f} GFLOP/s wall, {gemm['cpu'] / 1e9:.1f} GFLOP/s "
-          "CPU time (2048^3 matmul, best of 5)")
+          "CPU time (2048^3 matmul, best of 12)")
     print("expert compute fwd+bwd CPU-s (16 experts, top-4, 2048 tokens): "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in backends.items()))
     flops = step_flops(cfg, batch, seq)

@@ -205,7 +205,7 @@ def main() -> None:
     header = machine(args.threads)
     gemm = {clock: bm.gemm_flops_per_sec(clock=clock) for clock in ("wall", "cpu")}
     gemm_bf16 = {clock: bm.gemm_flops_per_sec(dtype=torch.bfloat16, clock=clock) for clock in ("wall", "cpu")}
-    header.append(f"- measured GEMM rate (2048^3, best of 5, {args.threads} thread(s); by wall clock / by CPU time): "
+    header.append(f"- measured GEMM rate (2048^3, best of 12, {args.threads} thread(s); by wall clock / by CPU time): "
                   f"fp32 {gemm['wall'] / 1e9:.1f} / {gemm['cpu'] / 1e9:.1f} GFLOP/s, "
                   f"bf16 {gemm_bf16['wall'] / 1e9:.1f} / {gemm_bf16['cpu'] / 1e9:.1f} GFLOP/s")
     header.append("- FLOPs: `pretrain.info.flops_per_token` (Megatron-LM: 3 x forward, 2 per multiply-add, causal "
