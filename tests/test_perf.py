@@ -89,6 +89,19 @@ def test_expert_counts_equal_bincount():
     assert moe.expert_counts(torch.tensor([3, 3]), 5).tolist() == [0, 0, 0, 2, 0]
 
 
+def test_grouped_mm_op_equals_torch_grouped_mm_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 8, generator=g, requires_grad=True), torch.randn(3, 8, 4, generator=g, requires_grad=True)
+    offs = torch.tensor([20, 20, 50], dtype=torch.int32)  # one empty group
+    dy = torch.randn(50, 4, generator=g)
+    moe._grouped_mm_op(a, b, offs).backward(dy)
+    ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch._grouped_mm(ref_a, ref_b, offs=offs).backward(dy)
+    torch.testing.assert_close(moe._grouped_mm_op(a, b, offs), torch._grouped_mm(a, b, offs=offs), rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, ref_a.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad, ref_b.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_gather_rows_backward_is_index_add_with_the_index_gradient():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=g, requires_grad=True)
@@ -103,10 +116,12 @@ def test_gather_rows_backward_is_index_add_with_the_index_gradient():
     assert "aten::index_add_" in ops and "aten::_index_put_impl_" not in ops
 
 
-def test_bf16_model_traces_without_graph_breaks():
-    """train.compile=model sees the whole bf16 step as one graph: blocked attention, grouped experts, fused head."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_traces_without_graph_breaks(dtype):
+    """train.compile=model sees the whole step as one graph: blocked attention, grouped experts (fp32 through the
+    opaque pretrain::grouped_mm op), fused head."""
     torch._dynamo.reset()
-    model = build_model(ModelConfig(**TINY_MLA)).train().to(torch.bfloat16)
+    model = build_model(ModelConfig(**TINY_MLA)).train().to(dtype)
     ids = torch.randint(0, 128, (2, 129), generator=torch.Generator().manual_seed(0))  # T = 128: blocked attention
     explain = torch._dynamo.explain(lambda i, l: model(i, labels=l).lm_loss)(ids[:, :-1], ids[:, 1:])
     assert explain.graph_break_count == 0, explain.break_reasons

@@ -145,20 +145,42 @@ def _grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_w: torch.Tensor,
                     down_w: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over ragged groups: x (M, H) sorted by expert, counts (E,) -> (M, H).
 
-    Under torch.compile only bf16 is traced: the fake-tensor rule of ``_grouped_mm`` (torch 2.13) accepts only
-    bf16 (the CUDA kernel's limit) while the CPU kernel runs fp32 too, so fp32 calls run eagerly (a graph break).
+    bf16 calls ``torch._grouped_mm`` directly (torch.compile traces it); other dtypes go through the opaque
+    ``pretrain::grouped_mm`` op, since ``_grouped_mm``'s own fake-tensor rule (torch 2.13) accepts only bf16 (the
+    CUDA kernel's limit) while the CPU kernel runs fp32 too: so the fp32 step compiles without a graph break.
     """
-    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return _grouped_swiglu_eager(x, counts, gate_w, up_w, down_w)
+    mm = torch._grouped_mm if x.dtype == torch.bfloat16 else _grouped_mm_op
     offs = counts.cumsum(0).to(torch.int32)
-    gate = torch._grouped_mm(x, gate_w.transpose(-2, -1), offs=offs)
-    up = torch._grouped_mm(x, up_w.transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(F.silu(gate) * up, down_w.transpose(-2, -1), offs=offs)
+    gate = mm(x, gate_w.transpose(-2, -1), offs=offs)
+    up = mm(x, up_w.transpose(-2, -1), offs=offs)
+    return mm(F.silu(gate) * up, down_w.transpose(-2, -1), offs=offs)
 
 
-@torch.compiler.disable
-def _grouped_swiglu_eager(x, counts, gate_w, up_w, down_w) -> torch.Tensor:
-    return _grouped_swiglu(x, counts, gate_w, up_w, down_w)
+@torch.library.custom_op("pretrain::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a (M, K), b (E, K, N), offs)`` -> (M, N), opaque to torch.compile."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # (M, K) x (E, K, N) -> (M, N)
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])  # (K, M) x (M, N), groups along M -> (E, K, N)
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    # the forward is (M, K) x (E, K, N): dA = dY B^T per group, dB_e = A_e^T dY_e (groups along M)
+    return _grouped_mm_op(grad, b.transpose(-2, -1), offs), _grouped_mm_op(a.t(), grad, offs), None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
