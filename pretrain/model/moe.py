@@ -145,11 +145,12 @@ def _grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_w: torch.Tensor,
                     down_w: torch.Tensor) -> torch.Tensor:
     """SwiGLU experts over ragged groups: x (M, H) sorted by expert, counts (E,) -> (M, H).
 
-    bf16 calls ``torch._grouped_mm`` directly (torch.compile traces it); other dtypes go through the opaque
+    Calls ``torch._grouped_mm``, except fp32 under torch.compile: there it goes through the opaque
     ``pretrain::grouped_mm`` op, since ``_grouped_mm``'s own fake-tensor rule (torch 2.13) accepts only bf16 (the
-    CUDA kernel's limit) while the CPU kernel runs fp32 too: so the fp32 step compiles without a graph break.
+    CUDA kernel's limit) while the CPU kernel runs fp32 too; so the fp32 step compiles without a graph break.
     """
-    mm = torch._grouped_mm if x.dtype == torch.bfloat16 else _grouped_mm_op
+    opaque = x.dtype != torch.bfloat16 and torch.compiler.is_compiling()
+    mm = _grouped_mm_op if opaque else torch._grouped_mm
     offs = counts.cumsum(0).to(torch.int32)
     gate = mm(x, gate_w.transpose(-2, -1), offs=offs)
     up = mm(x, up_w.transpose(-2, -1), offs=offs)
