@@ -385,8 +385,7 @@ def pipeline_train_batch(engine, micro_batches: list, mtp_weight: float, gamma: 
     """
     module = engine.module
     module.mtp_weight = mtp_weight
-    batches = iter([(t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True))
-                    for t in micro_batches])
+    batches = _inputs_and_labels(micro_batches, device)
     loss = engine.train_batch(batches)
     extra = engine.get_additional_losses()
     means = torch.stack([loss.float().reshape(())] + [extra[n].float().reshape(()) for n in LOSS_NAMES]).to(device)
@@ -396,11 +395,17 @@ def pipeline_train_batch(engine, micro_batches: list, mtp_weight: float, gamma: 
     return means, load
 
 
+def _inputs_and_labels(micro_batches: list, device):
+    """(input_ids, labels) per micro-batch on ``device``: what DeepSpeed's train_batch / eval_batch iterate.
+    Pinned batches (GPU) are copied asynchronously."""
+    return iter([(t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True))
+                 for t in micro_batches])
+
+
 @torch.no_grad()
 def pipeline_eval_loss(engine, micro_batches: list, device) -> float:
     """Mean main-head loss over micro-batches and data-parallel ranks (MTP off in eval), on every rank."""
-    batches = iter([(t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True))
-                    for t in micro_batches])
+    batches = _inputs_and_labels(micro_batches, device)
     loss = engine.eval_batch(batches, num_micro_batches=len(micro_batches))
     return float(loss)
 
