@@ -198,7 +198,17 @@ class TrainConfig:
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every rank checkpoint at the next step boundary and exit 0 (pretrain.preemption)."""
     batch_size_rampup: list | None = None
-    """Optional [[tokens, global_batch_size], ...]: the batch size in force from each token count on."""
+    """Optional [[tokens, global_batch_size], ...]: the batch size in force from each token count on (step changes;
+    for a gradual ramp use batch_ramp_start / batch_ramp_tokens)."""
+    batch_ramp_start: int | None = None
+    """Gradual batch ramp (Megatron's rampup_batch_size): the global batch at 0 tokens, growing to
+    train.global_batch_size over train.batch_ramp_tokens as start + floor((end - start) * t / T / u) * u,
+    u = train.batch_ramp_increment. null = no gradual ramp (V2: 2304 -> 9216, V3: 3072 -> 15360)."""
+    batch_ramp_tokens: int | None = None
+    """Gradual batch ramp: tokens T over which the batch grows to train.global_batch_size (V2: 225e9, V3: 469e9)."""
+    batch_ramp_increment: int | None = None
+    """Gradual batch ramp: the step u of each increase; null = micro_batch_size x data-parallel size, filled in
+    when the run starts (the smallest step every rank can split into whole micro-batches)."""
     checkpoint_fallback: bool = False
     """On resume, a corrupt checkpoint (sha256 manifest mismatch) or a bad `latest` falls back to the newest older
     complete checkpoint instead of stopping with an error naming the file (docs/RELIABILITY.md)."""
@@ -235,7 +245,8 @@ class ScheduleConfig:
     """Learning-rate schedule as a function of (step, tokens seen)."""
 
     name: str = "multi_step"
-    """multi_step (DeepSeek LLM), cosine or wsd (warmup-stable-decay)."""
+    """multi_step (DeepSeek LLM, V2), cosine, wsd (warmup-stable-decay), piecewise (V3: schedule.phases) or
+    constant (optim.lr after the warmup: context-extension phases)."""
     warmup_steps: int = 2000
     """Linear warmup steps from 0 to optim.lr."""
     decay_points: list = field(default_factory=lambda: [0.8, 0.9])
@@ -246,6 +257,14 @@ class ScheduleConfig:
     """cosine / wsd: final LR as a fraction of the peak."""
     wsd_decay_fraction: float = 0.2
     """wsd: fraction of the training tokens spent in the final linear decay."""
+    phases: list = field(default_factory=list)
+    """piecewise: consecutive phases after the warmup, each {until_tokens, shape, lr_end}. A phase runs from the
+    previous phase's end (the first from the end of the warmup) until `until_tokens` tokens seen (absolute; null
+    only on the last = the end of the run). shape: constant (holds lr_end, default the LR the phase starts at),
+    cosine or linear (from the LR the phase starts at, the peak for the first, to lr_end, required). After the
+    last phase the LR stays at its lr_end. V3: [{until_tokens: 10e12, shape: constant}, {until_tokens: 14.3e12,
+    shape: cosine, lr_end: 2.2e-5}, {until_tokens: 14.633e12, shape: constant, lr_end: 2.2e-5},
+    {shape: constant, lr_end: 7.3e-6}]."""
 
 
 @dataclass
@@ -497,6 +516,65 @@ def _check_step_value(key: str, spec: StepValue) -> None:
     _check(ok, f"{key}={spec!r}: expected a number or a list of [tokens, value] pairs")
 
 
+SCHEDULES = ("multi_step", "cosine", "wsd", "piecewise", "constant")
+PHASE_SHAPES = ("constant", "cosine", "linear")
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    """A phase's number; YAML 1.1 reads ``1.0e12`` (no exponent sign) as a string, so numeric strings count."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    _check(ok and (kind is float or float(value).is_integer()),
+           f"{key}={value!r}: expected a non-negative {'number' if kind is float else 'token count'}")
+    return kind(value)
+
+
+def _checked_phases(phases: list) -> list[dict]:
+    """schedule.phases validated, numbers converted: [{until_tokens: int | None, shape: str, lr_end: float}]."""
+    _check(isinstance(phases, list) and len(phases) > 0,
+           "schedule.phases is empty: schedule.name=piecewise needs [{until_tokens, shape, lr_end}, ...]")
+    out, prev = [], 0
+    for i, ph in enumerate(phases):
+        key = f"schedule.phases[{i}]"
+        _check(isinstance(ph, dict), f"{key}={ph!r}: expected a mapping {{until_tokens, shape, lr_end}}")
+        extra = sorted(set(ph) - {"until_tokens", "shape", "lr_end"})
+        _check(not extra, f"{key}.{extra[0] if extra else ''}: unknown key; valid keys are lr_end, shape, until_tokens")
+        shape = ph.get("shape", "constant")
+        _check(shape in PHASE_SHAPES, f"{key}.shape={shape!r}: use {', '.join(PHASE_SHAPES)}")
+        _check(shape == "constant" or ph.get("lr_end") is not None,
+               f"{key}.lr_end: a {shape} phase needs the LR it ends at")
+        until = ph.get("until_tokens")
+        _check(until is not None or i == len(phases) - 1,
+               f"{key}.until_tokens is null: only the last phase may run to the end of training")
+        until = None if until is None else _number(f"{key}.until_tokens", until, int)
+        _check(until is None or until > prev,
+               f"{key}.until_tokens={until}: phases must end at increasing token counts (previous: {prev})")
+        lr_end = ph.get("lr_end")
+        out.append({"until_tokens": until, "shape": shape,
+                    "lr_end": None if lr_end is None else _number(f"{key}.lr_end", lr_end, float)})
+        prev = until or prev
+    return out
+
+
+def _check_batch_ramp(t: "TrainConfig") -> None:
+    """The gradual ramp's static checks (the increment against micro-batch x dp: pretrain.schedule.validate_schedule)."""
+    if t.batch_ramp_start is None and t.batch_ramp_tokens is None:
+        return
+    _check(t.batch_ramp_start is not None and t.batch_ramp_tokens is not None,
+           "train.batch_ramp_start and train.batch_ramp_tokens: set both for a gradual batch ramp, or neither")
+    _check(not t.batch_size_rampup, "train.batch_size_rampup and train.batch_ramp_start are both set: use one ramp")
+    _check(0 < t.batch_ramp_start <= t.global_batch_size,
+           f"train.batch_ramp_start={t.batch_ramp_start}: must be in (0, train.global_batch_size="
+           f"{t.global_batch_size}]")
+    _check(t.batch_ramp_tokens > 0, f"train.batch_ramp_tokens={t.batch_ramp_tokens}: must be positive")
+    _check(t.batch_ramp_increment is None or t.batch_ramp_increment > 0,
+           f"train.batch_ramp_increment={t.batch_ramp_increment}: must be positive (or null = micro batch x dp)")
+
+
 def validate(cfg: Config) -> None:
     """Validate everything that does not depend on the world size (parallel.topology checks that)."""
     validate_model(cfg.model)
@@ -525,7 +603,10 @@ def validate(cfg: Config) -> None:
     _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two numbers in [0, 1)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
-    _check(s.name in ("multi_step", "cosine", "wsd"), f"schedule.name={s.name!r}: use multi_step, cosine or wsd")
+    _check(s.name in SCHEDULES, f"schedule.name={s.name!r}: use {', '.join(SCHEDULES)}")
+    if s.name == "piecewise":
+        s.phases = _checked_phases(s.phases)
+    _check_batch_ramp(t)
     _check(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps}: must be >= 0")
     _check(len(s.decay_points) == len(s.decay_factors),
            f"schedule.decay_points has {len(s.decay_points)} entries but schedule.decay_factors has "

@@ -13,10 +13,21 @@ Conventions (used by the training loop and the tests):
 - ``cosine``: from the peak at the end of warmup to ``min_lr_ratio * peak`` at ``total_tokens``.
 - ``wsd``: constant peak, then a linear decay to ``min_lr_ratio * peak`` over the last
   ``wsd_decay_fraction`` of the tokens.
-- Batch-size ramp-up (``train.batch_size_rampup = [[tokens, global_batch_size], ...]``): the global batch
-  in force once ``tokens`` tokens have been seen (before the first entry, the first entry's size). The
-  last entry must equal ``train.global_batch_size``. Steps and tokens convert exactly through
-  ``tokens_at_step`` / ``steps_for_tokens``, which walk the ramp segment by segment (no per-step loop).
+- ``piecewise`` (V3): ``schedule.phases`` after the warmup, each ``{until_tokens, shape, lr_end}`` with shape
+  constant, cosine or linear (see ``ScheduleConfig.phases``); ``constant``: the peak after the warmup.
+- Batch-size ramp-up, step changes (``train.batch_size_rampup = [[tokens, global_batch_size], ...]``): the global
+  batch in force once ``tokens`` tokens have been seen (before the first entry, the first entry's size). The
+  last entry must equal ``train.global_batch_size``.
+- Gradual batch ramp (Megatron's ``rampup_batch_size``; V2, V3): ``batch(t) = start + floor((end - start) * t / T
+  / u) * u`` for ``t`` tokens seen, ``start = train.batch_ramp_start``, ``end = train.global_batch_size``,
+  ``T = train.batch_ramp_tokens``, ``u = train.batch_ramp_increment``. The papers state no increment, so it
+  defaults to the smallest one every layout can split into whole micro-batches, ``micro_batch_size x dp``. ``dp``
+  is known only when the run starts: :func:`validate_schedule` (called by the loop before the first batch) writes
+  it into ``cfg.train.batch_ramp_increment``, so ``global_batch_at(tokens, cfg)`` keeps its signature and the
+  resolved ``config.yaml`` records the increment the run used. Before that (``pretrain.info``, tests) a null
+  increment means ``micro_batch_size`` (dp = 1).
+- Steps and tokens convert exactly through ``tokens_at_step`` / ``steps_for_tokens``, which walk the ramp
+  segment by segment (no per-step loop; V3's ramp at u = 1 has 12,288 segments, a few ms).
 """
 from __future__ import annotations
 
@@ -25,21 +36,37 @@ import math
 from pretrain.config import Config, ConfigError, step_value_at
 
 
+def _ramp_increment(cfg: Config) -> int:
+    return cfg.train.batch_ramp_increment or cfg.train.micro_batch_size
+
+
 def global_batch_at(tokens_seen: float, cfg: Config) -> int:
     """Global batch size (sequences per optimizer step) in force after ``tokens_seen`` tokens."""
-    ramp = cfg.train.batch_size_rampup
-    if not ramp:
-        return cfg.train.global_batch_size
-    return int(step_value_at(ramp, tokens_seen))
+    t = cfg.train
+    if t.batch_ramp_start is not None:
+        u, span = _ramp_increment(cfg), t.global_batch_size - t.batch_ramp_start
+        increments = int((span * tokens_seen) // (t.batch_ramp_tokens * u))  # exact integer floor for int tokens
+        return min(t.global_batch_size, t.batch_ramp_start + increments * u)
+    if not t.batch_size_rampup:
+        return t.global_batch_size
+    return int(step_value_at(t.batch_size_rampup, tokens_seen))
 
 
-def _segments(cfg: Config) -> list[tuple[float, int]]:
+def _segments(cfg: Config) -> list[tuple[int, int]]:
     """Ramp segments as (start_tokens, global_batch) in increasing token order; one segment without a ramp."""
-    ramp = cfg.train.batch_size_rampup
+    t = cfg.train
+    if t.batch_ramp_start is not None:
+        # Increment k is in force from the first integer token count where (end - start) * tokens >= k * T * u.
+        u, span = _ramp_increment(cfg), t.global_batch_size - t.batch_ramp_start
+        if span == 0:
+            return [(0, t.global_batch_size)]
+        num = -(-span // u)
+        return [(-(-k * t.batch_ramp_tokens * u // span), min(t.global_batch_size, t.batch_ramp_start + k * u))
+                for k in range(num + 1)]
+    ramp = t.batch_size_rampup
     if not ramp:
-        return [(0.0, cfg.train.global_batch_size)]
-    segs = [(0.0, int(ramp[0][1]))] + [(float(t), int(b)) for t, b in ramp if float(t) > 0]
-    return segs
+        return [(0, t.global_batch_size)]
+    return [(0, int(ramp[0][1]))] + [(float(tok), int(b)) for tok, b in ramp if float(tok) > 0]
 
 
 def tokens_at_step(num_steps: int, cfg: Config) -> int:
@@ -103,6 +130,8 @@ def validate_schedule(cfg: Config, dp_size: int) -> None:
     if cfg.train.global_batch_size % unit:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {dp_size}")
+    if cfg.train.batch_ramp_start is not None:
+        _validate_gradual_ramp(cfg, unit)
     ramp = cfg.train.batch_size_rampup
     if not ramp:
         return
@@ -119,11 +148,52 @@ def validate_schedule(cfg: Config, dp_size: int) -> None:
                           f"{cfg.train.global_batch_size}; make the last entry the global batch size")
 
 
+def _validate_gradual_ramp(cfg: Config, unit: int) -> None:
+    """Fill in the default increment (micro batch x dp) and check that every batch of the ramp splits evenly."""
+    t = cfg.train
+    if t.batch_ramp_increment is None:
+        t.batch_ramp_increment = unit  # recorded in the resolved config; see the module doc
+    u = t.batch_ramp_increment
+    if u % unit:
+        raise ConfigError(f"train.batch_ramp_increment={u} is not a multiple of train.micro_batch_size x "
+                          f"data-parallel size = {unit}; use a multiple or null")
+    if t.batch_ramp_start % u or t.global_batch_size % u:
+        raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} and train.global_batch_size="
+                          f"{t.global_batch_size} must be multiples of the ramp increment {u} "
+                          f"(train.batch_ramp_increment, default micro batch x dp)")
+
+
+def _interpolate(shape: str, lr_from: float, lr_to: float, progress: float) -> float:
+    """LR at ``progress`` in [0, 1] of a decay from ``lr_from`` to ``lr_to`` (cosine: half a cosine period)."""
+    progress = min(1.0, max(0.0, progress))
+    if shape == "cosine":
+        return lr_to + (lr_from - lr_to) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr_from + (lr_to - lr_from) * progress  # linear
+
+
+def _piecewise_lr(tokens_seen: float, cfg: Config) -> float:
+    """schedule.phases (validated by pretrain.config): the phase holding ``tokens_seen``, interpolated."""
+    lr, start = cfg.optim.lr, tokens_at_step(cfg.schedule.warmup_steps, cfg)
+    for phase in cfg.schedule.phases:
+        end = phase["until_tokens"] if phase["until_tokens"] is not None else total_tokens(cfg)
+        lr_end = lr if phase["lr_end"] is None else phase["lr_end"]
+        if tokens_seen < end:
+            if phase["shape"] == "constant":
+                return lr_end
+            return _interpolate(phase["shape"], lr, lr_end, (tokens_seen - start) / max(1.0, end - start))
+        lr, start = lr_end, end
+    return lr
+
+
 def lr_at(step: int, tokens_seen: float, cfg: Config) -> float:
     """Learning rate for optimizer step ``step`` (1-based) after ``tokens_seen`` tokens (see module doc)."""
     peak, s = cfg.optim.lr, cfg.schedule
     if step <= s.warmup_steps:
         return peak * step / s.warmup_steps
+    if s.name == "constant":
+        return peak
+    if s.name == "piecewise":
+        return _piecewise_lr(tokens_seen, cfg)
     total = total_tokens(cfg)
     if s.name == "multi_step":
         factor = 1.0
@@ -134,15 +204,11 @@ def lr_at(step: int, tokens_seen: float, cfg: Config) -> float:
     floor = s.min_lr_ratio * peak
     if s.name == "cosine":
         start = tokens_at_step(s.warmup_steps, cfg)
-        progress = min(1.0, max(0.0, (tokens_seen - start) / max(1.0, total - start)))
-        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _interpolate("cosine", peak, floor, (tokens_seen - start) / max(1.0, total - start))
     if s.name == "wsd":
         decay_start = (1.0 - s.wsd_decay_fraction) * total
-        if tokens_seen < decay_start:
-            return peak
-        progress = min(1.0, (tokens_seen - decay_start) / (total - decay_start))
-        return peak + (floor - peak) * progress
-    raise ConfigError(f"schedule.name={s.name!r}: use multi_step, cosine or wsd")
+        return _interpolate("linear", peak, floor, (tokens_seen - decay_start) / (total - decay_start))
+    raise ConfigError(f"schedule.name={s.name!r}: use multi_step, cosine, wsd, piecewise or constant")
 
 
 def loss_weights_at(tokens_seen: float, cfg: Config) -> tuple[float, float]:

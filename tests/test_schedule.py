@@ -73,6 +73,15 @@ def test_steps_and_tokens_without_rampup():
     assert total_steps(cfg) == 4
 
 
+def assert_walk_matches_steps(cfg, num_steps=60):
+    """tokens_at_step's segment walk equals taking the steps one by one with global_batch_at."""
+    expected, tokens = [0], 0
+    for _ in range(num_steps):
+        tokens += global_batch_at(tokens, cfg) * SEQ
+        expected.append(tokens)
+    assert [tokens_at_step(n, cfg) for n in range(num_steps + 1)] == expected
+
+
 def test_batch_size_rampup():
     # Batch 2 until 640 tokens, 4 until 2048 tokens, then 8 (= global_batch_size).
     cfg = cfg_for("train.batch_size_rampup=[[0, 2], [640, 4], [2048, 8]]", "train.total_tokens=10240")
@@ -80,11 +89,7 @@ def test_batch_size_rampup():
     assert global_batch_at(640, cfg) == 4 and global_batch_at(2048, cfg) == 8
     # Step by step: batch 2 (64 tokens/step) x 10 steps = 640; batch 4 (128) x 11 steps = 2048;
     # then batch 8 (256) x 32 steps = 10240.
-    expected, tokens = [0], 0
-    for _ in range(60):
-        tokens += global_batch_at(tokens, cfg) * SEQ
-        expected.append(tokens)
-    assert [tokens_at_step(n, cfg) for n in range(61)] == expected
+    assert_walk_matches_steps(cfg)
     assert tokens_at_step(10, cfg) == 640 and tokens_at_step(21, cfg) == 2048
     assert total_steps(cfg) == 10 + 11 + 32 and steps_for_tokens(2048, cfg) == 21
     assert total_samples(cfg) == 10240 // SEQ
@@ -119,3 +124,99 @@ def test_lambda_and_gamma_step_changes():
     assert loss_weights_at(500, cfg) == (0.3, 0.0)
     assert loss_weights_at(1000, cfg) == (0.1, 0.0)
     assert loss_weights_at(10, cfg_for()) == (0.3, 0.001)
+
+
+# ----------------------------------------------------------------------------------- piecewise (V3) schedule
+
+PHASES = ("schedule.phases=[{until_tokens: 102400, shape: constant}, {until_tokens: 204800, shape: cosine, "
+          "lr_end: 1.0e-4}, {until_tokens: 230400, shape: linear, lr_end: 0.5e-4}, {shape: constant, lr_end: 2.0e-5}]")
+
+
+def test_piecewise_exact_values():
+    cfg = cfg_for("schedule.name=piecewise", PHASES)
+    start = 10 * TOK_PER_STEP  # warmup ends after 10 steps (2560 tokens); the first phase starts there
+    assert lr_at(5, 4 * TOK_PER_STEP, cfg) == pytest.approx(5e-4, abs=1e-15)
+    assert lr_at(11, start, cfg) == 1e-3 and lr_at(300, 102399, cfg) == 1e-3               # constant at the peak
+    assert lr_at(401, 102400, cfg) == pytest.approx(1e-3, abs=1e-15)                     # cosine starts at the peak
+    assert lr_at(600, 153600, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5, abs=1e-15)      # half way: the mean
+    q = 102400 + 102400 / 4
+    assert lr_at(500, q, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 4)), abs=1e-15)
+    assert lr_at(801, 204800, cfg) == pytest.approx(1e-4, abs=1e-15)                     # linear from the cosine's end
+    assert lr_at(850, 217600, cfg) == pytest.approx(0.75e-4, abs=1e-15)
+    assert lr_at(901, 230400, cfg) == 2e-5 and lr_at(1000, 255744, cfg) == 2e-5          # last phase, to the end
+    assert lr_at(1001, 10 ** 9, cfg) == 2e-5                                              # past the end: held
+
+
+def test_piecewise_first_phase_decays_from_the_end_of_warmup_and_constant_schedule():
+    cfg = cfg_for("schedule.name=piecewise", "schedule.phases=[{shape: linear, lr_end: 0}]")
+    start = 10 * TOK_PER_STEP
+    assert lr_at(11, start, cfg) == 1e-3
+    assert lr_at(500, start + (256000 - start) / 2, cfg) == pytest.approx(0.5e-3, abs=1e-15)
+    cfg = cfg_for("schedule.name=constant", "schedule.warmup_steps=0")
+    assert lr_at(1, 0, cfg) == 1e-3 and lr_at(1000, 255744, cfg) == 1e-3
+
+
+@pytest.mark.parametrize("phases, message", [
+    ("[]", r"schedule.phases is empty"),
+    ("[{until_tokens: 100, shape: cosine}]", r"schedule.phases\[0\].lr_end: a cosine phase needs"),
+    ("[{until_tokens: 100, shape: step}]", r"schedule.phases\[0\].shape='step': use constant, cosine, linear"),
+    ("[{shape: constant}, {until_tokens: 100}]", r"schedule.phases\[0\].until_tokens is null: only the last"),
+    ("[{until_tokens: 100}, {until_tokens: 50}]", r"schedule.phases\[1\].until_tokens=50: .* increasing"),
+    ("[{until_tokens: 100, lr: 0.1}]", r"schedule.phases\[0\].lr: unknown key"),
+    ("[{until_tokens: -5}]", r"schedule.phases\[0\].until_tokens=-5: expected a non-negative token count"),
+    ("[7]", r"schedule.phases\[0\]=7: expected a mapping"),
+])
+def test_piecewise_errors_are_one_line(phases, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        cfg_for("schedule.name=piecewise", f"schedule.phases={phases}")
+    assert "\n" not in str(e.value)
+
+
+def test_piecewise_reads_yaml_exponents_without_sign():
+    # YAML 1.1 reads 1.0e12 (no exponent sign) as a string; a phase's numbers accept it.
+    cfg = cfg_for("schedule.name=piecewise", "schedule.phases=[{until_tokens: 1.0e5, shape: cosine, lr_end: 1e-4}]")
+    assert cfg.schedule.phases == [{"until_tokens": 100000, "shape": "cosine", "lr_end": 1e-4}]
+
+
+# ------------------------------------------------------------------------------- gradual (Megatron) batch ramp
+
+def ramp_cfg(*overrides):
+    # micro batch 2; the batch grows from 2 to 8 over 1200 tokens: 2 + floor(6 t / 1200 / u) u.
+    return cfg_for("train.batch_ramp_start=2", "train.batch_ramp_tokens=1200", "train.total_tokens=10240",
+                   *overrides)
+
+
+def test_gradual_ramp_formula_and_exact_step_walk():
+    cfg = ramp_cfg()
+    validate_schedule(cfg, 1)  # fills the increment: micro batch 2 x dp 1
+    assert cfg.train.batch_ramp_increment == 2
+    # u = 2: +2 every 400 tokens -> 2 below 400, 4 from 400, 6 from 800, 8 from 1200 on.
+    assert [global_batch_at(t, cfg) for t in (0, 399, 400, 799, 800, 1199, 1200, 10 ** 6)] == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert_walk_matches_steps(cfg)
+    # 2 x 32 = 64 tokens/step: 7 steps reach 448 >= 400; batch 4 (128/step): 3 steps -> 832; batch 6 (192):
+    # 2 steps -> 1216; then batch 8 (256/step): ceil((10240 - 1216) / 256) = 36 steps.
+    assert tokens_at_step(7, cfg) == 448 and tokens_at_step(12, cfg) == 1216
+    assert total_steps(cfg) == 7 + 3 + 2 + 36 and steps_for_tokens(1216, cfg) == 12
+
+
+def test_gradual_ramp_increment_is_micro_batch_times_dp_and_errors():
+    cfg = ramp_cfg("train.batch_ramp_start=4")
+    validate_schedule(cfg, 2)  # u = 2 x 2 = 4: 4 + floor(4 t / 1200 / 4) 4 -> one jump, at the end of the ramp
+    assert cfg.train.batch_ramp_increment == 4
+    assert [global_batch_at(t, cfg) for t in (0, 1199, 1200)] == [4, 4, 8]
+    with pytest.raises(ConfigError, match=r"train.batch_ramp_start=2 and train.global_batch_size=8 must be "
+                                          r"multiples of the ramp increment 4"):
+        validate_schedule(ramp_cfg(), 2)
+    with pytest.raises(ConfigError, match=r"train.batch_ramp_increment=2 is not a multiple of .* = 4"):
+        validate_schedule(ramp_cfg("train.batch_ramp_increment=2"), 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_ramp_start=2"], "set both"),
+    (["train.batch_ramp_start=16", "train.batch_ramp_tokens=100"], r"train.batch_ramp_start=16: must be in \(0, "),
+    (["train.batch_ramp_start=2", "train.batch_ramp_tokens=100", "train.batch_size_rampup=[[0, 2], [50, 8]]"],
+     "use one ramp"),
+])
+def test_gradual_ramp_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg_for(*overrides)
