@@ -113,6 +113,10 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads. MLA expands its shared latent into one key and one value per query head, so there
+        they ARE the attention heads and ``num_key_value_heads`` (kept in the presets for export) is ignored."""
+        if self.attention == "mla":
+            return self.num_attention_heads
         return self.num_key_value_heads or self.num_attention_heads
 
     @property

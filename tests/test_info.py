@@ -216,3 +216,21 @@ def test_bad_layout_as_module_exits_2():
 def test_model_info_rejects_dense_ep():
     with pytest.raises(ConfigError, match="parallel.ep"):
         model_info(load_config("deepseek-llm-7b"), ep=2, dp=2)
+
+
+def test_mla_preset_scales_down_its_heads(capsys):
+    """MLA's key/value heads are its query heads: the preset's num_key_value_heads=128 (kept for export) must not
+    refuse num_attention_heads=4 (regression: 'num_key_value_heads=128 must divide num_attention_heads=4')."""
+    cfg = load_config("deepseek-v3", ["model.num_attention_heads=4"])
+    assert cfg.model.kv_heads == 4
+    m, full = cfg.model, load_config("deepseek-v3").model
+    # 124 heads fewer in q_b (q_lora_rank x 192), kv_b (kv_lora_rank x 256) and o_proj (128 x h) of each of the
+    # 61 layers (total_params leaves the MTP module out, as the published 671B does).
+    per_head = m.q_lora_rank * 192 + m.kv_lora_rank * 256 + 128 * m.hidden_size
+    assert count_params(full)["total_params"] - count_params(m)["total_params"] == 124 * 61 * per_head
+    assert analytic_inventory(m) == meta_inventory(m)
+    assert main(["--config", "deepseek-v3", "model.num_attention_heads=4", "--tp", "4", "--pp", "16", "--ep", "8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["tp"] == 4
+    with pytest.raises(ConfigError, match="model.num_attention_heads=4"):
+        model_info(cfg, tp=8)
