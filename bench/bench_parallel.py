@@ -12,7 +12,9 @@ cross to the other rank and rows a rank sends to itself.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -20,9 +22,12 @@ import torch.distributed as dist
 
 import parallel.expert as expert
 from parallel import Topology, initialize_parallel, parallelize_model
-from parallel.testing import run_distributed
 from pretrain.config import load_config
 from pretrain.model import build_model
+
+# The gloo process harness of the multi-process tests (tests/helpers.py): test tooling, not in the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers import run_distributed  # noqa: E402
 
 
 def _count_all_to_all(counter: dict):

@@ -11,7 +11,7 @@
 #   3. bench/bench_model.py --device cuda: ours vs transformers, fp32 and bf16, reference arch and small-moe
 #   4. pretrain.train on 1 GPU (bf16, DeepSpeed, NCCL world of 1), 30 steps of small-moe: tokens/s and MFU
 #   5. the multi-process tests on NCCL: need >= 2 GPUs (NCCL refuses two ranks on one device) and a harness that
-#      takes the backend from the environment (parallel/testing.py hard-codes gloo + CPU tensors; see the
+#      takes the backend from the environment (tests/helpers.py hard-codes gloo + CPU tensors; see the
 #      message printed below): skipped with the reason otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,7 +86,7 @@ step 240 "pretrain.train on 1 GPU, bf16, small-moe, 30 steps" bash -c "
     train.output_dir=$OUT/run train.steps=30 train.log_interval=5 train.precision=bf16 train.save_interval=1000"
 
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-if [ "$NGPU" -ge 2 ] && grep -q PARALLEL_TEST_BACKEND parallel/testing.py; then
+if [ "$NGPU" -ge 2 ] && grep -q PARALLEL_TEST_BACKEND tests/helpers.py; then
     step 300 "Multi-process tests on NCCL ($NGPU GPUs)" env PARALLEL_TEST_BACKEND=nccl $PY -m pytest -x -q \
         tests/test_tensor_parallel.py tests/test_expert_parallel.py tests/test_parallel_deepspeed.py
 else
@@ -94,7 +94,7 @@ else
     note "### Multi-process tests on NCCL: skipped"
     note ""
     note "$NGPU GPU(s) visible; NCCL refuses two ranks on one device, so the 2-4 process tests need >= 2 GPUs."
-    note "The harness must also take the backend from the environment: parallel/testing.py _worker hard-codes"
+    note "The harness must also take the backend from the environment: tests/helpers.py _worker hard-codes"
     note "init_process_group(\"gloo\") and the tests build CPU tensors. Needed: backend = PARALLEL_TEST_BACKEND"
     note "(default gloo); with nccl torch.cuda.set_device(rank) and the tests' models/inputs on cuda:rank."
 fi

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_fixtures import run_cli, stdlib_files, stdlib_texts, trained_tokenizer, write_jsonl
 from data_pipeline.build import build
 from data_pipeline.readers import DataError
 from data_pipeline.shards import ShardWriter, check_shard, token_dtype, write_idx
+from helpers import run_cli, stdlib_files, stdlib_texts, trained_tokenizer, write_jsonl
 
 
 def read_documents(out_dir):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import write_token_dir
 from data_pipeline.dataset import SampleStream, build_dataset, document_boundaries
 from data_pipeline.readers import DataError
+from helpers import write_token_dir
 
 
 def unique_docs(num_docs, first_token, seed):

@@ -4,9 +4,9 @@ import os
 import pytest
 import sentencepiece as spm
 
-from data_fixtures import run_cli, stdlib_files, stdlib_texts, trained_tokenizer
 from data_pipeline.readers import DataError
 from data_pipeline.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, load_tokenizer
+from helpers import run_cli, stdlib_files, stdlib_texts, trained_tokenizer
 
 
 def test_cli_trains_a_loadable_model(tmp_path):

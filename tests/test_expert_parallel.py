@@ -4,10 +4,10 @@ import copy
 import torch
 import torch.distributed as dist
 
+from helpers import run_distributed
 from parallel import Topology, initialize_parallel, parallelize_model
 from parallel.expert import (ExpertParallelExperts, _keep_within_capacity, all_to_all, apply_expert_parallel,
                              combine, dispatch)
-from parallel.testing import run_distributed
 from pretrain.config import load_config
 from pretrain.model import build_model
 from pretrain.model.moe import GroupedExperts

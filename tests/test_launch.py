@@ -10,32 +10,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from parallel.testing import free_port
+from helpers import build_small_data, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "launch_scripts"
 STEPS = 20
-STDLIB = Path(os.__file__).parent
-
-
-def build_small_data(out: Path) -> Path:
-    """A sentencepiece tokenizer and shards from the stdlib's json package (~50k tokens); returns the shard dir."""
-    inputs = [str(p) for p in sorted((STDLIB / "json").glob("*.py"))]
-    tok = out / "tok.model"
-    shards = out / "shards"
-    for cmd in ([sys.executable, "-m", "data_pipeline.tokenizer", "--input", *inputs, "--vocab-size", "512",
-                 "--output", str(tok)],
-                [sys.executable, "-m", "data_pipeline.build", "--input", *inputs, "--tokenizer", str(tok),
-                 "--output", str(shards), "--workers", "1", "--no-progress"]):
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    return shards
 
 
 def train_overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:

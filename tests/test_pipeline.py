@@ -4,7 +4,8 @@ and gradient norms (relative difference < 1e-4) in the layouts pp2, pp2 dp2 ep2 
 export from the tp2 pp2 run matches the single-process export's logits in transformers; resuming in the pp2
 layout is exact.
 
-The launcher helper and the single-process reference come from ``test_parallel_layouts``.
+The launcher (``helpers.train``) and the single-process reference (the ``reference`` fixture) are shared
+with ``test_parallel_layouts``.
 """
 import shutil
 import subprocess
@@ -13,9 +14,7 @@ import sys
 import pytest
 import torch
 
-from test_parallel_layouts import STEPS, data_dir, reference, train  # noqa: F401 (fixtures)
-
-pytestmark = pytest.mark.slow
+from helpers import STEPS, train
 
 
 def _assert_matches(reference, got, layout):
@@ -27,23 +26,25 @@ def _assert_matches(reference, got, layout):
 
 
 @pytest.fixture(scope="module")
-def pp2_run(data_dir, tmp_path_factory):  # noqa: F811
+def pp2_run(data_dir, tmp_path_factory):
     """pp2, stages balanced by parameters: (embedding, dense layer, MoE layer) | (MTP embedding, head, MTP).
     Checkpoints at steps 2 and 3 (the resume test restarts from step 2)."""
     out = tmp_path_factory.mktemp("pp2") / "run"
     return out, train(out, data_dir, 2, "parallel.pp=2", "train.save_interval=2")
 
 
-def test_pp2_equals_single_process(reference, pp2_run):  # noqa: F811
+@pytest.mark.slow
+def test_pp2_equals_single_process(reference, pp2_run):
     _assert_matches(reference, pp2_run[1], "pp2")
 
 
 def _reference_dir(tmp_path_factory):
-    """The run directory of ``test_parallel_layouts.reference`` (it returns only the metrics)."""
+    """The run directory of the ``reference`` fixture (it returns only the metrics)."""
     return next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent
 
 
-def test_pp2_dp2_ep2_equals_single_process_across_a_resume(reference, data_dir, tmp_path,  # noqa: F811
+@pytest.mark.slow
+def test_pp2_dp2_ep2_equals_single_process_across_a_resume(reference, data_dir, tmp_path,
                                                            tmp_path_factory):
     """Stopped at step 2 and resumed: each EP rank must get its own experts back (DeepSpeed's MoE checkpoint
     path would hand every rank EP rank 0's); the gathered checkpoint equals the single-process weights."""
@@ -58,7 +59,8 @@ def test_pp2_dp2_ep2_equals_single_process_across_a_resume(reference, data_dir, 
         torch.testing.assert_close(ours[name], want[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, data_dir, tmp_path,  # noqa: F811
+@pytest.mark.slow
+def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, data_dir, tmp_path,
                                                                   tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +86,8 @@ def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, dat
         torch.testing.assert_close(ours[name], want[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_pp2_resume_is_exact(data_dir, pp2_run, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_pp2_resume_is_exact(data_dir, pp2_run, tmp_path):
     """Restart the pp2 run from its step-2 checkpoint: step 3 and the final weights are bit for bit the same."""
     from parallel.pipeline import gather_pipeline_state_dict
     from pretrain.checkpoint import load_model_from_checkpoint

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from parallel.testing import free_port
+from helpers import free_port
 from pretrain.preemption import PreemptionHandler
 
 WORKER = textwrap.dedent("""

@@ -7,8 +7,8 @@
   ``train.checkpoint_fallback`` resumes from the newest older good checkpoint; a bad ``latest`` likewise;
 - ENOSPC on one rank while saving: every rank reports it and exits, ``latest`` keeps naming a loadable checkpoint.
 
-The launcher and the shards come from the loop's own tests (``test_train.train``, ``test_parallel_layouts.data_dir``);
-``PRETRAIN_FAULT`` (pretrain.faults) injects the faults.
+The launcher is ``helpers.run_train``, the shards and the uninterrupted run are the ``data_dir`` and
+``checkpoint_reference`` fixtures; ``PRETRAIN_FAULT`` (pretrain.faults) injects the faults.
 """
 import json
 import shutil
@@ -16,33 +16,10 @@ import shutil
 import pytest
 import torch
 
+from helpers import losses, module_states, run_train
 from pretrain.checkpoint import (CHECKSUMS, CheckpointError, complete_tags, prune_checkpoints, select_checkpoint,
                                  verify_checksums)
 from pretrain.config import load_config
-from test_parallel_layouts import data_dir  # noqa: F401 (fixture)
-from test_train import losses, module_states, train
-
-STEPS = 4
-
-
-def run_train(out, data, *overrides, nproc=1, check=True, fault=None, monkeypatch=None, launcher_args=()):
-    """test_train.train on the synthetic shards, optionally with PRETRAIN_FAULT set for the child processes."""
-    if fault is not None:
-        monkeypatch.setenv("PRETRAIN_FAULT", fault)
-    try:
-        return train(out, f"data.paths=[{data}]", "train.save_interval=1", *overrides, nproc=nproc, check=check)
-    finally:
-        if fault is not None:
-            monkeypatch.delenv("PRETRAIN_FAULT")
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):  # noqa: F811
-    """Uninterrupted single-process run, a checkpoint after every step (all four kept)."""
-    out = tmp_path_factory.mktemp("rel_ref") / "run"
-    run_train(out, data_dir, "train.keep_last=4")
-    assert complete_tags(out)[:1] == ["step_0000004"]
-    return out
 
 
 def cfg_for(run_dir, *overrides):
@@ -56,8 +33,8 @@ def copy_run(reference, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupt_file_is_named_or_falls_back(reference, tmp_path, damage):
-    run = copy_run(reference, tmp_path)
+def test_corrupt_file_is_named_or_falls_back(checkpoint_reference, tmp_path, damage):
+    run = copy_run(checkpoint_reference, tmp_path)
     victim = run / "step_0000004" / "mp_rank_00_model_states.pt"
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
@@ -78,8 +55,8 @@ def test_corrupt_file_is_named_or_falls_back(reference, tmp_path, damage):
     ("step_0000099", "names step_0000099, but"),
     (None, "latest is missing but complete checkpoints exist"),
 ])
-def test_bad_latest_is_a_clear_error_or_falls_back(reference, tmp_path, content, message):
-    run = copy_run(reference, tmp_path)
+def test_bad_latest_is_a_clear_error_or_falls_back(checkpoint_reference, tmp_path, content, message):
+    run = copy_run(checkpoint_reference, tmp_path)
     if content is None:
         (run / "latest").unlink()
     else:
@@ -89,9 +66,9 @@ def test_bad_latest_is_a_clear_error_or_falls_back(reference, tmp_path, content,
     assert select_checkpoint(cfg_for(run, "train.checkpoint_fallback=true")) == "step_0000004"  # scans step dirs
 
 
-def test_partial_directory_is_ignored_and_pruned(reference, tmp_path):
+def test_partial_directory_is_ignored_and_pruned(checkpoint_reference, tmp_path):
     """A save that died before its checksums: never a resume point, deleted by the next successful save."""
-    run = copy_run(reference, tmp_path)
+    run = copy_run(checkpoint_reference, tmp_path)
     partial = run / "step_0000005"
     shutil.copytree(run / "step_0000004", partial)
     (partial / CHECKSUMS).unlink()
@@ -100,20 +77,20 @@ def test_partial_directory_is_ignored_and_pruned(reference, tmp_path):
     assert sorted(p.name for p in run.glob("step_*")) == ["step_0000003", "step_0000004"]
 
 
-def test_fallback_resume_reproduces_the_run(reference, data_dir, tmp_path):  # noqa: F811
+def test_fallback_resume_reproduces_the_run(checkpoint_reference, data_dir, tmp_path):
     """End to end: step 4's optimizer file corrupted -> resume from step 3, retrain step 4 to the same numbers.
     (Resume errors on the command line are one line and exit 1: see the SIGKILL test below.)"""
-    run = copy_run(reference, tmp_path)
+    run = copy_run(checkpoint_reference, tmp_path)
     victim = next((run / "step_0000004").glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])
     proc = run_train(run, data_dir, "train.checkpoint_fallback=true")
     assert "falling back to" in proc.stdout and "resumed from" in proc.stdout and "step_0000003" in proc.stdout
-    assert losses(run) == losses(reference)
+    assert losses(run) == losses(checkpoint_reference)
     assert not verify_checksums(run / "step_0000004", collective=False)  # rewritten, intact
 
 
 @pytest.mark.slow
-def test_sigkill_mid_save_then_torchrun_restart_equals_uninterrupted(reference, data_dir, tmp_path,  # noqa: F811
+def test_sigkill_mid_save_then_torchrun_restart_equals_uninterrupted(checkpoint_reference, data_dir, tmp_path,
                                                                      monkeypatch):
     """Rank 1 is SIGKILLed half-way through the step-2 checkpoint (DeepSpeed's files written, RNG/state/checksums
     not); torchrun --max-restarts=1 restarts both ranks, which resume from step 1 and finish."""
@@ -124,7 +101,7 @@ def test_sigkill_mid_save_then_torchrun_restart_equals_uninterrupted(reference, 
     log = proc.stdout + proc.stderr
     assert "resumed from" in log and f"{out / 'step_0000001'} (step 1" in log, log[-3000:]
     assert "step_0000002 (step 2" not in log  # the partial step-2 directory was never a resume point
-    ref, got = losses(reference), losses(out)
+    ref, got = losses(checkpoint_reference), losses(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):  # 2 data-parallel ranks = gradient accumulation (test_train): within 1e-5
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
@@ -137,7 +114,7 @@ def test_sigkill_mid_save_then_torchrun_restart_equals_uninterrupted(reference, 
 
 
 @pytest.mark.slow
-def test_disk_full_on_one_rank_is_reported_by_every_rank(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_disk_full_on_one_rank_is_reported_by_every_rank(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     proc = run_train(out, data_dir, nproc=2, check=False, fault="enospc_in_save:2:1", monkeypatch=monkeypatch)
     assert proc.returncode != 0

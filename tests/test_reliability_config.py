@@ -19,11 +19,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from data_fixtures import write_token_dir
+from helpers import COMMON, losses, run_train, write_token_dir
 from pretrain.checkpoint import CheckpointError, load_model_from_checkpoint
-from test_parallel_layouts import data_dir  # noqa: F401 (fixture)
-from test_reliability_checkpoint import reference, run_train  # noqa: F401 (fixture)
-from test_train import COMMON, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +78,7 @@ def _main_in_process(args, world, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("world, overrides, message", INVALID, ids=[" ".join(o) for _, o, _ in INVALID])
-def test_invalid_config_is_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys,  # noqa: F811
+def test_invalid_config_is_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys,
                                                              world, overrides, message):
     args = [*COMMON, f"train.output_dir={tmp_path / 'run'}", f"data.paths=[{data_dir}]", *overrides]
     code, err = _main_in_process(args, world, monkeypatch, capsys)
@@ -89,7 +86,7 @@ def test_invalid_config_is_one_line_before_any_process_group(data_dir, tmp_path,
     assert message in err, err
 
 
-def _damaged_copy(data_dir, tmp_path, damage):  # noqa: F811
+def _damaged_copy(data_dir, tmp_path, damage):
     bad = tmp_path / "shards"
     shutil.copytree(data_dir, bad)
     prefix = json.loads((bad / "manifest.json").read_text())["shards"][0]["prefix"]
@@ -107,7 +104,7 @@ def _damaged_copy(data_dir, tmp_path, damage):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage", ["missing", "mismatch", "escape"])
-def test_bad_shards_are_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys,  # noqa: F811
+def test_bad_shards_are_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys,
                                                           damage):
     bad, message = _damaged_copy(data_dir, tmp_path, damage)
     args = [*COMMON, f"train.output_dir={tmp_path / 'run'}", f"data.paths=[{bad}]"]
@@ -115,9 +112,9 @@ def test_bad_shards_are_one_line_before_any_process_group(data_dir, tmp_path, mo
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_shard_changed_since_the_checkpoint_is_refused_before_step_1(reference, data_dir, tmp_path):  # noqa: F811
+def test_shard_changed_since_the_checkpoint_is_refused_before_step_1(checkpoint_reference, data_dir, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(checkpoint_reference, run)
     (run / "latest").write_text("step_0000002")
     rng = np.random.default_rng(1)  # same layout and file names, different documents
     changed = write_token_dir(str(tmp_path / "changed"), [rng.integers(0, 512, 400) for _ in range(60)],
@@ -128,7 +125,7 @@ def test_shard_changed_since_the_checkpoint_is_refused_before_step_1(reference, 
     assert [r["step"] for r in losses(run)] == [1, 2, 3, 4]  # nothing trained: metrics untouched
 
 
-def test_same_seed_twice_is_bit_identical_for_20_steps(data_dir, tmp_path):  # noqa: F811
+def test_same_seed_twice_is_bit_identical_for_20_steps(data_dir, tmp_path):
     fast = ["train.steps=20", "train.batch_size_rampup=null", "train.global_batch_size=1", "train.micro_batch_size=1",
             "data.seq_length=16", "train.save_interval=20"]
     for name in ("a", "b"):
@@ -149,9 +146,9 @@ def test_every_torch_load_outside_tests_is_weights_only():
     assert not unsafe, unsafe
 
 
-def test_export_refuses_an_unverified_checkpoint(reference, tmp_path):  # noqa: F811
+def test_export_refuses_an_unverified_checkpoint(checkpoint_reference, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(checkpoint_reference, run)
     victim = next((run / "step_0000004").glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes() + b"tampered")
     with pytest.raises(CheckpointError, match=re.escape(str(victim)) + ".*refusing to unpickle"):

@@ -18,15 +18,12 @@ import numpy as np
 import pytest
 
 from data_pipeline.dataset import SampleStream
-from parallel.testing import free_port
-from test_parallel_layouts import data_dir  # noqa: F401 (fixture)
-from test_reliability_checkpoint import reference, run_train  # noqa: F401 (fixture)
-from test_train import COMMON, _env, losses
+from helpers import COMMON, free_port, launch_env, losses, run_train
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.tp=2"]], ids=["dp2-ep2", "tp2"])
-def test_resume_is_exact_in_layout(data_dir, tmp_path, layout):  # noqa: F811
+def test_resume_is_exact_in_layout(data_dir, tmp_path, layout):
     full = tmp_path / "full"
     run_train(full, data_dir, *layout, "train.save_interval=2", nproc=2)  # checkpoints at steps 2 and 4
     resumed = tmp_path / "resumed"
@@ -40,22 +37,22 @@ def test_resume_is_exact_in_layout(data_dir, tmp_path, layout):  # noqa: F811
     assert got == want  # losses, grad norms, LR, tokens of steps 3-4: exact
 
 
-def test_resume_before_a_batch_size_change_is_exact(reference, data_dir, tmp_path):  # noqa: F811
+def test_resume_before_a_batch_size_change_is_exact(checkpoint_reference, data_dir, tmp_path):
     """Resumed at step 1 (batch 4, 2 micro-batches), the ramp to batch 8 at step 3 must still accumulate 4
     micro-batches: DeepSpeed's micro-step counter restarts at 0 on resume, so its own boundary rule
     ((micro_steps + 1) % accumulation_steps) stepped after 2 of them (regression: losses differed by 2e-2)."""
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(checkpoint_reference, run)
     for tag in ("step_0000002", "step_0000003", "step_0000004"):
         shutil.rmtree(run / tag, ignore_errors=True)
     (run / "latest").write_text("step_0000001")
     proc = run_train(run, data_dir)
     assert f"resumed from {run / 'step_0000001'}" in proc.stdout
-    assert losses(run) == losses(reference)
+    assert losses(run) == losses(checkpoint_reference)
 
 
 @pytest.mark.slow
-def test_resume_on_another_data_parallel_size(reference, data_dir, tmp_path):  # noqa: F811
+def test_resume_on_another_data_parallel_size(checkpoint_reference, data_dir, tmp_path):
     """ZeRO 0 (unpartitioned optimizer state): stopped at step 2 on dp2, resumed on one process, steps 3-4 equal
     the uninterrupted run and the sample stream goes on from sample 8. (ZeRO 1 partitions the optimizer state by
     data-parallel rank: that resume is refused in one line, test_reliability_checkpoint's SIGKILL test.)"""
@@ -63,7 +60,7 @@ def test_resume_on_another_data_parallel_size(reference, data_dir, tmp_path):  #
     run_train(out, data_dir, "parallel.zero_stage=0", "train.exit_at_step=2", nproc=2)
     assert json.loads((out / "step_0000002" / "trainer_state.json").read_text())["consumed_samples"] == 8
     run_train(out, data_dir, "parallel.zero_stage=0")
-    for want, have in zip(losses(reference), losses(out)):
+    for want, have in zip(losses(checkpoint_reference), losses(out)):
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert abs(want[key] - have[key]) < 1e-5, (want["step"], key, want[key], have[key])
     assert json.loads((out / "step_0000004" / "trainer_state.json").read_text())["consumed_samples"] == 24
@@ -99,14 +96,14 @@ def test_resume_with_another_data_parallel_size_continues_the_sample_stream():
 
 
 @pytest.mark.slow
-def test_hung_rank_ends_the_job_with_a_timeout(data_dir, tmp_path):  # noqa: F811
+def test_hung_rank_ends_the_job_with_a_timeout(data_dir, tmp_path):
     """Rank 1 stops before step 2's collectives; rank 0 gives up after train.step_timeout_s=3 (start-up keeps the
     long train.dist_timeout_s) and exits 1 with one line. A launcher then tears the job down (here: the test)."""
     port = free_port()
     args = ["-m", "pretrain.train", *COMMON, f"train.output_dir={tmp_path / 'run'}", f"data.paths=[{data_dir}]",
             "train.dist_timeout_s=120", "train.step_timeout_s=3"]
     procs = [subprocess.Popen([sys.executable, *args], env=dict(
-        _env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        launch_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         PRETRAIN_FAULT="hang:2:1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         out, err = procs[0].communicate(timeout=120)

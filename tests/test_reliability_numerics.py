@@ -15,14 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers import losses, run_distributed, run_train
 from parallel import Topology, initialize_parallel
 from parallel.expert import apply_expert_parallel
-from parallel.testing import run_distributed
 from pretrain.config import load_config
 from pretrain.model import build_model
-from test_parallel_layouts import data_dir  # noqa: F401 (fixture)
-from test_reliability_checkpoint import run_train
-from test_train import losses
 
 
 def all_model_states(step_dir):
@@ -51,7 +48,7 @@ def tensorboard_scalar(run_dir, tag):
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
-def test_inf_loss_skips_the_step(data_dir, tmp_path, monkeypatch, zero_stage):  # noqa: F811
+def test_inf_loss_skips_the_step(data_dir, tmp_path, monkeypatch, zero_stage):
     """ZeRO 0 (wrapped optimizer step) and ZeRO 1 (DeepSpeed's overflow path): step 2 changes no weight."""
     out = tmp_path / "run"
     proc = run_train(out, data_dir, "train.steps=3", f"parallel.zero_stage={zero_stage}", fault="inf_loss:2:0",
@@ -66,7 +63,7 @@ def test_inf_loss_skips_the_step(data_dir, tmp_path, monkeypatch, zero_stage):  
 
 
 @pytest.mark.slow
-def test_nan_in_one_experts_gradient_on_one_rank_then_abort(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_nan_in_one_experts_gradient_on_one_rank_then_abort(data_dir, tmp_path, monkeypatch):
     """dp2 ep2: expert 0 of rank 1 gets NaN gradients at step 2 (only rank 1 holds them), then rank 1's loss is
     NaN from step 3 on: both ranks skip both steps, and the run aborts at step 3 (max 2 in a row)."""
     out = tmp_path / "run"
@@ -81,7 +78,7 @@ def test_nan_in_one_experts_gradient_on_one_rank_then_abort(data_dir, tmp_path, 
     assert [r["skipped"] for r in losses(out)] == [False, True]
 
 
-def test_loss_spike_is_skipped_right_after_a_resume(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_loss_spike_is_skipped_right_after_a_resume(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     spike = ["train.loss_spike_sigma=3", "train.loss_spike_window=2"]
     run_train(out, data_dir, *spike, "train.exit_at_step=2")

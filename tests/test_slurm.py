@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_launch import build_small_data
+from helpers import build_small_data
 
 ROOT = Path(__file__).resolve().parents[1]
 # The #SBATCH lines ask for a GPU cluster; these fit the test node (2 CPUs, no GPUs) and keep logs in tmp.

@@ -4,8 +4,8 @@ import copy
 import torch
 import torch.distributed as dist
 
+from helpers import run_distributed
 from parallel import Topology, initialize_parallel, parallelize_model
-from parallel.testing import run_distributed
 from pretrain.config import load_config
 from pretrain.model import build_model
 

@@ -1,8 +1,8 @@
 """parallel.topology: validation before any process group, rank arithmetic, megatron-core / DeepSpeed groups."""
 import pytest
 
+from helpers import run_distributed
 from parallel import Topology, initialize_parallel
-from parallel.testing import run_distributed
 from pretrain.config import ConfigError, load_config
 
 

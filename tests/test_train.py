@@ -9,8 +9,6 @@
 """
 import json
 import math
-import os
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -18,59 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.testing import free_port
+from helpers import COMMON, LOOP_STEPS as STEPS, losses, module_states, run_checked, run_loop
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [STDLIB / f for f in ("argparse.py", "dataclasses.py", "shutil.py", "textwrap.py")]
-STEPS = 4
-# Batch-size ramp-up: global batch 4 for steps 1-2 (256 tokens), then 8 (= train.global_batch_size), so
-# DeepSpeed's gradient accumulation changes mid-run, and across the resume point of the resume test.
-COMMON = ["--config", "tiny", f"train.steps={STEPS}", "train.save_interval=100", "train.log_interval=1",
-          "train.heatmap_interval=2", "train.batch_size_rampup=[[0, 4], [256, 8]]"]
-TOKENS = [128, 256, 512, 768]  # cumulative tokens after each step (seq 32)
-
-
-def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def run_cli(args, launcher=(), check=True):
-    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, env=_env(), timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def train(out_dir, *overrides, nproc=1, check=True):
-    args = ["-m", "pretrain.train", *COMMON, f"train.output_dir={out_dir}", *overrides]
-    if nproc == 1:
-        return run_cli([sys.executable, *args], check=check)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(free_port())]
-    return run_cli(args, launcher=launcher, check=check)
-
-
-def losses(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def module_states(step_dir):
-    return torch.load(Path(step_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+TOKENS = [128, 256, 512, 768]  # cumulative tokens after each step (seq 32, helpers.COMMON's batch ramp-up)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     tok = root / "tok.model"
-    run_cli([sys.executable, "-m", "data_pipeline.tokenizer", "--input", *map(str, SOURCES[:3]),
-             "--vocab-size", "512", "--output", str(tok)])
-    run_cli([sys.executable, "-m", "data_pipeline.build", "--input", *map(str, SOURCES[:3]), "--tokenizer", str(tok),
-             "--output", str(root / "train"), "--workers", "1", "--no-progress"])
-    run_cli([sys.executable, "-m", "data_pipeline.build", "--input", str(SOURCES[3]), "--tokenizer", str(tok),
-             "--output", str(root / "eval"), "--workers", "1", "--no-progress"])
+    run_checked([sys.executable, "-m", "data_pipeline.tokenizer", "--input", *map(str, SOURCES[:3]),
+                 "--vocab-size", "512", "--output", str(tok)])
+    run_checked([sys.executable, "-m", "data_pipeline.build", "--input", *map(str, SOURCES[:3]),
+                 "--tokenizer", str(tok), "--output", str(root / "train"), "--workers", "1", "--no-progress"])
+    run_checked([sys.executable, "-m", "data_pipeline.build", "--input", str(SOURCES[3]), "--tokenizer", str(tok),
+                 "--output", str(root / "eval"), "--workers", "1", "--no-progress"])
     return root
 
 
@@ -78,13 +40,13 @@ def shards(tmp_path_factory):
 def reference_run(shards, tmp_path_factory):
     """The uninterrupted single-process run (gradient accumulation 4 = global 8 / micro 2), with eval."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    train(out, f"data.paths=[{shards / 'train'}]", f"data.eval_paths=[{shards / 'eval'}]", "train.eval_interval=2")
+    run_loop(out, f"data.paths=[{shards / 'train'}]", f"data.eval_paths=[{shards / 'eval'}]", "train.eval_interval=2")
     return out
 
 
 def test_data_parallel_equals_gradient_accumulation(shards, reference_run, tmp_path):
     out = tmp_path / "dp2"
-    train(out, f"data.paths=[{shards / 'train'}]", nproc=2)
+    run_loop(out, f"data.paths=[{shards / 'train'}]", nproc=2)
     ref, dp2 = losses(reference_run), losses(out)
     assert [r["step"] for r in dp2] == list(range(1, STEPS + 1)) and [r["tokens"] for r in dp2] == TOKENS
     for a, b in zip(ref, dp2):
@@ -104,7 +66,7 @@ def check_export(run_dir, hf_dir):
     from transformers import AutoModelForCausalLM
 
     from pretrain.checkpoint import load_model_from_checkpoint
-    run_cli([sys.executable, "-m", "pretrain.export", "--checkpoint", str(run_dir), "--output", str(hf_dir)])
+    run_checked([sys.executable, "-m", "pretrain.export", "--checkpoint", str(run_dir), "--output", str(hf_dir)])
     ours, cfg, tokenizer = load_model_from_checkpoint(run_dir)
     assert tokenizer is not None and Path(tokenizer).is_file()
     # The consolidated weights are the trained ones, not a fresh init (DeepSpeed's module file agrees).
@@ -121,11 +83,11 @@ def check_export(run_dir, hf_dir):
 def test_resume_reproduces_uninterrupted_run(shards, reference_run, tmp_path):
     out = tmp_path / "chunked"
     data = [f"data.paths=[{shards / 'train'}]", f"data.eval_paths=[{shards / 'eval'}]", "train.eval_interval=2"]
-    train(out, *data, "train.exit_at_step=2")
+    run_loop(out, *data, "train.exit_at_step=2")
     assert (out / "latest").read_text().strip() == "step_0000002" and len(losses(out)) == 2
     state = json.loads((out / "step_0000002" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["consumed_samples"] == 8 and state["tokens_seen"] == TOKENS[1]
-    train(out, *data, "train.save_interval=1", "train.keep_last=2")  # checkpointing does not change numbers
+    run_loop(out, *data, "train.save_interval=1", "train.keep_last=2")  # checkpointing does not change numbers
     assert losses(out) == losses(reference_run)  # exact: losses, LR, grad norms, eval loss, tokens
     assert sorted(p.name for p in out.glob("step_*")) == ["step_0000003", "step_0000004"]  # keep_last
     a, b = module_states(reference_run / "step_0000004"), module_states(out / "step_0000004")
@@ -189,11 +151,11 @@ def test_config_errors_are_one_line(shards, override, message, tmp_path, capsys)
 
 def test_activation_checkpointing_keeps_numbers_and_resume_checks_architecture(shards, reference_run, tmp_path):
     out = tmp_path / "ckpt"
-    train(out, f"data.paths=[{shards / 'train'}]", "train.activation_checkpointing=full", "train.exit_at_step=2")
+    run_loop(out, f"data.paths=[{shards / 'train'}]", "train.activation_checkpointing=full", "train.exit_at_step=2")
     for a, b in zip(losses(reference_run), losses(out)):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     # Resuming that run with another architecture is refused with one line naming the key.
-    proc = train(out, f"data.paths=[{shards / 'train'}]", "model.moe_intermediate_size=48", check=False)
+    proc = run_loop(out, f"data.paths=[{shards / 'train'}]", "model.moe_intermediate_size=48", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.moe_intermediate_size=48 but checkpoint" in proc.stderr
 
@@ -201,6 +163,6 @@ def test_activation_checkpointing_keeps_numbers_and_resume_checks_architecture(s
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 def test_torch_compile_keeps_numbers(shards, reference_run, tmp_path, mode):
     out = tmp_path / mode
-    train(out, f"data.paths=[{shards / 'train'}]", f"train.compile={mode}", "train.exit_at_step=2")
+    run_loop(out, f"data.paths=[{shards / 'train'}]", f"train.compile={mode}", "train.exit_at_step=2")
     for a, b in zip(losses(reference_run), losses(out)):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-3
