@@ -1,6 +1,7 @@
-"""Test-only helpers shared by the test modules (re-exported by conftest.py; the fixtures are in conftest.py).
+"""Test-only helpers shared by the test modules (which import them from here; the fixtures are in conftest.py).
 
 - real text and a small trained tokenizer for the data_pipeline tests; synthetic shards without a tokenizer;
+- ``CONFIGS``/``make_model``: small models of every architecture (export parity, generation);
 - ``run_distributed``: a function on N gloo CPU processes (house rule 9), and ``free_port`` for launchers;
 - the launchers of ``python -m pretrain.train`` the end-to-end tests compare runs with: ``train`` (the layout
   tests: metrics of a 3-step run), ``run_loop`` (the loop tests' settings, ``COMMON``), ``run_train`` (the
@@ -24,8 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pretrain.config import ModelConfig, validate_model
 # One definition of "a free local port": the one the single-process launcher (pretrain.engine) uses.
 from pretrain.engine import _free_port as free_port  # noqa: F401 (re-exported)
+from pretrain.model import build_model
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +96,57 @@ def build_small_data(out: Path) -> Path:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     return shards
 
+
+# ------------------------------------------------------------------ small models of every architecture
+
+# Used by the export parity tests (against transformers) and the generation tests.
+MLA = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+           max_position_embeddings=128, attention="mla", kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+           v_head_dim=12, moe_intermediate_size=32, initializer_range=0.08)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.8}
+
+CONFIGS = {
+    # V3: group-limited routing (topk_group < n_group), query compression, MTP (must not be exported)
+    "v3_groups_mtp": dict(MLA, q_lora_rank=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                          first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, scoring_func="sigmoid", num_nextn_predict_layers=1),
+    # V3: no query compression, YaRN (mscale != mscale_all_dim: both cos/sin and softmax scale change), 2 dense
+    "v3_yarn_dense2": dict(MLA, q_lora_rank=None, rope_scaling=YARN, n_routed_experts=8, n_shared_experts=2,
+                           num_experts_per_tok=2, first_k_dense_replace=2, n_group=2, topk_group=1,
+                           routed_scaling_factor=1.5, norm_topk_prob=False, scoring_func="sigmoid"),
+    # V2: softmax router with group_limited_greedy, no query compression, YaRN
+    "v2_softmax_groups": dict(MLA, q_lora_rank=None, rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+                              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                              n_group=4, topk_group=2, routed_scaling_factor=2.0, scoring_func="softmax"),
+    "v2_lite_greedy": dict(MLA, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                           first_k_dense_replace=1, scoring_func="softmax"),
+    # dense MLA (no experts) goes out as DeepseekV3 with every layer dense
+    "v3_dense_mla": dict(MLA, q_lora_rank=16, num_hidden_layers=2),
+    "llama_gqa": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, attention="gqa", rope_theta=500.0),
+    "llama_mha_yarn": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, attention="mha", max_position_embeddings=128,
+                           rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+def make_model(name: str, seed: int = 0):
+    """The small model ``CONFIGS[name]`` in eval mode, with non-trivial norms and expert correction bias."""
+    cfg = ModelConfig(**CONFIGS[name])
+    validate_model(cfg)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # make norms and the correction bias non-trivial so they are really checked
+        for pname, p in model.named_parameters():
+            if pname.endswith("layernorm.weight") or pname.endswith("norm.weight"):
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+        for mname, buf in model.named_buffers():
+            if mname.endswith("e_score_correction_bias") and cfg.scoring_func == "sigmoid":
+                buf.copy_(0.3 * torch.randn_like(buf))
+    return model, cfg
+
+
 # ---------------------------------------------------------------------------- gloo processes in-test
 
 
@@ -123,6 +177,7 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     from megatron.core import parallel_state  # noqa: F401
     mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
                        start_method="fork")
+
 
 # -------------------------------------------------------------------------- python -m pretrain.train
 

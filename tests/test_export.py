@@ -5,58 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import ModelConfig, validate_model
+from helpers import CONFIGS, make_model
+from pretrain.config import ModelConfig
 from pretrain.export import from_hf, hf_family, main, to_hf
-from pretrain.model import build_model
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
-
-MLA = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-           max_position_embeddings=128, attention="mla", kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
-           v_head_dim=12, moe_intermediate_size=32, initializer_range=0.08)
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 0.8}
-
-CONFIGS = {
-    # V3: group-limited routing (topk_group < n_group), query compression, MTP (must not be exported)
-    "v3_groups_mtp": dict(MLA, q_lora_rank=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
-                          first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                          norm_topk_prob=True, scoring_func="sigmoid", num_nextn_predict_layers=1),
-    # V3: no query compression, YaRN (mscale != mscale_all_dim: both cos/sin and softmax scale change), 2 dense
-    "v3_yarn_dense2": dict(MLA, q_lora_rank=None, rope_scaling=YARN, n_routed_experts=8, n_shared_experts=2,
-                           num_experts_per_tok=2, first_k_dense_replace=2, n_group=2, topk_group=1,
-                           routed_scaling_factor=1.5, norm_topk_prob=False, scoring_func="sigmoid"),
-    # V2: softmax router with group_limited_greedy, no query compression, YaRN
-    "v2_softmax_groups": dict(MLA, q_lora_rank=None, rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
-                              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
-                              n_group=4, topk_group=2, routed_scaling_factor=2.0, scoring_func="softmax"),
-    "v2_lite_greedy": dict(MLA, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
-                           first_k_dense_replace=1, scoring_func="softmax"),
-    # dense MLA (no experts) goes out as DeepseekV3 with every layer dense
-    "v3_dense_mla": dict(MLA, q_lora_rank=16, num_hidden_layers=2),
-    "llama_gqa": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=96, attention="gqa", rope_theta=500.0),
-    "llama_mha_yarn": dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=96, attention="mha", max_position_embeddings=128,
-                           rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
-}
-
-
-def make_model(name: str, seed: int = 0):
-    cfg = ModelConfig(**CONFIGS[name])
-    validate_model(cfg)
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # make norms and the correction bias non-trivial so they are really checked
-        for pname, p in model.named_parameters():
-            if pname.endswith("layernorm.weight") or pname.endswith("norm.weight"):
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-        for mname, buf in model.named_buffers():
-            if mname.endswith("e_score_correction_bias") and cfg.scoring_func == "sigmoid":
-                buf.copy_(0.3 * torch.randn_like(buf))
-    return model, cfg
-
 
 def hf_logits(path, ids):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
