@@ -24,5 +24,7 @@ setup(
         "test": ["pytest>=8", "transformers>=5.0", "huggingface_hub", "protobuf", "zstandard"],
         "parquet": ["pyarrow"],
         "zstd": ["zstandard"],
+        # pretrain.info --plot and the labelled expert-load heatmap (TensorBoard falls back to raw pixels without it)
+        "plot": ["matplotlib>=3.7"],
     },
 )

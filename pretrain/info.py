@@ -1,6 +1,7 @@
 """Model size, training FLOPs per token and per-rank memory: ``python -m pretrain.info``.
 
-    python -m pretrain.info --config deepseek-v3 [--tp N --pp N --ep N --dp N] [--json] [section.key=value ...]
+    python -m pretrain.info --config deepseek-v3 [--tp N --pp N --ep N --dp N] [--json] [--schedule] [--plot FILE.png]
+                            [section.key=value ...]
 
 Conventions (the table and the JSON say the same):
 
@@ -22,6 +23,8 @@ Conventions (the table and the JSON say the same):
 * **Memory per rank** (see ``memory_per_rank``): weights, gradients and AdamW states under ZeRO over the
   data-parallel group (dense) / expert-data-parallel group of size dp/ep (routed experts), plus an
   activation estimate for one stage of a 1F1B pipeline; the reported figure is the max over stages.
+* **The recipe** (``--schedule``, ``--plot FILE.png``): ``pretrain.schedule.schedule_phases`` cut wherever the LR
+  shape, the batch ramp, MTP lambda or the bias gamma change, for the layout's dp (the ramp's increment).
 """
 from __future__ import annotations
 
@@ -462,22 +465,113 @@ def format_table(info: dict) -> str:
     return f"{table}\n(parameters counted from the {info['param_source']} model)"
 
 
+# ------------------------------------------------------------------------------------ the recipe (--schedule)
+
+def _fmt_tokens(n: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.4g}{unit}"
+    return f"{n:g}"
+
+
+def _span(a: float, b: float, fmt: str) -> str:
+    return fmt.format(a) if a == b else f"{fmt.format(a)} -> {fmt.format(b)}"
+
+
+def format_schedule(cfg: Config, dp: int) -> str:
+    """One line per phase of the run: tokens -> LR, batch, lambda, gamma (``schedule_phases``)."""
+    from pretrain.schedule import schedule_phases, validate_schedule
+
+    validate_schedule(cfg, dp)  # the ramp increment: micro batch x dp unless set
+    m, moe = cfg.model, cfg.moe
+    show_mtp, show_gamma = m.num_nextn_predict_layers > 0, m.is_moe and m.scoring_func == "sigmoid"
+    header = ["tokens", "steps", "LR", "shape", "global batch"] + ["λ"] * show_mtp + ["γ"] * show_gamma
+    rows = []
+    for ph in schedule_phases(cfg):
+        rows.append([f"{_fmt_tokens(ph['tokens_start'])} - {_fmt_tokens(ph['tokens_end'])}",
+                     f"{ph['first_step']:,} - {ph['last_step']:,}", _span(ph["lr_start"], ph["lr_end"], "{:.3g}"),
+                     ph["lr_shape"], _span(ph["batch_start"], ph["batch_end"], "{:,}")]
+                    + [f"{ph['mtp_weight']:g}"] * show_mtp + [f"{ph['bias_update_speed']:g}"] * show_gamma)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    t = cfg.train
+    notes = [f"schedule {cfg.schedule.name}, peak LR {cfg.optim.lr:g}, warmup {cfg.schedule.warmup_steps} steps, "
+             f"sequence {cfg.data.seq_length}"]
+    if t.batch_ramp_start is not None:
+        notes.append(f"batch ramp {t.batch_ramp_start} -> {t.global_batch_size} over {_fmt_tokens(t.batch_ramp_tokens)}"
+                     f" tokens in steps of {t.batch_ramp_increment} (micro batch {t.micro_batch_size} x dp {dp})")
+    if m.is_moe:
+        notes.append(f"balancing: expert-level alpha1 {moe.aux_loss_alpha:g}, sequence-wise alpha "
+                     f"{moe.seq_aux_alpha:g}")
+    if m.rope_scaling:
+        notes.append(f"YaRN factor {m.rope_scaling['factor']:g} from "
+                     f"{m.rope_scaling['original_max_position_embeddings']} positions")
+    return "\n".join(lines + notes)
+
+
+def plot_schedule(cfg: Config, dp: int, path: str, name: str) -> None:
+    """Draw LR, global batch, lambda and gamma against tokens seen into ``path`` (PNG; matplotlib needed);
+    ``name`` (the preset or file) heads the title."""
+    from pretrain.metrics import new_figure
+    from pretrain.schedule import schedule_samples, validate_schedule
+
+    validate_schedule(cfg, dp)
+    fig = new_figure("python -m pretrain.info --plot")
+    s, m = schedule_samples(cfg), cfg.model
+    panels = [("lr", "learning rate"), ("batch", "global batch (sequences)")]
+    if m.num_nextn_predict_layers > 0:
+        panels.append(("mtp_weight", "MTP weight λ"))
+    if m.is_moe and m.scoring_func == "sigmoid":
+        panels.append(("bias_update_speed", "bias update speed γ"))
+    fig.set_size_inches(8, 1.9 * len(panels) + 0.8)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    x = [t / 1e9 for t in s["tokens"]]
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(x, s[key], drawstyle="steps-post", color="tab:blue")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[-1].set_xlabel("tokens seen (billions)")
+    fig.suptitle(f"{name}: {cfg.schedule.name} schedule, "
+                 f"{_fmt_tokens(s['tokens'][-1])} tokens, {s['step'][-1]:,} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pretrain.metrics import MatplotlibMissing
+
     ap = argparse.ArgumentParser(prog="python -m pretrain.info", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="preset name or YAML path")
     for deg in ("tp", "pp", "ep", "dp"):
         ap.add_argument(f"--{deg}", type=int, default=None, help=f"{deg} degree (default: the config's"
                         + (", or ep for dp)" if deg == "dp" else ")"))
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--schedule", action="store_true",
+                    help="print the recipe phase by phase: tokens -> LR, global batch, MTP λ, bias γ")
+    ap.add_argument("--plot", metavar="FILE.png", default=None,
+                    help="draw LR, batch, λ and γ against tokens (needs matplotlib: pip install .[plot])")
     ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         info = model_info(cfg, args.tp, args.pp, args.ep, args.dp)
-    except ConfigError as e:
+        if args.schedule or args.plot:
+            dp = info["layout"]["dp"]
+            recipe = format_schedule(cfg, dp)
+            if args.json and args.schedule:
+                from pretrain.schedule import schedule_phases
+                info["schedule"] = schedule_phases(cfg)
+            if args.plot:
+                plot_schedule(cfg, dp, args.plot, str(args.config))
+    except (ConfigError, MatplotlibMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info) if args.json else format_table(info))
+    if args.schedule and not args.json:
+        print(f"\n{recipe}")
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -52,41 +52,54 @@ def global_batch_at(tokens_seen: float, cfg: Config) -> int:
     return int(step_value_at(t.batch_size_rampup, tokens_seen))
 
 
-def _segments(cfg: Config) -> list[tuple[int, int]]:
+class _GradualRampSegments:
+    """The gradual ramp's segments, computed on access (V3 at u = 1 has 12,289; the walks visit only a few)."""
+
+    def __init__(self, cfg: Config):
+        t = cfg.train
+        self.u, self.span = _ramp_increment(cfg), t.global_batch_size - t.batch_ramp_start
+        self.start, self.end, self.ramp_tokens = t.batch_ramp_start, t.global_batch_size, t.batch_ramp_tokens
+
+    def __len__(self) -> int:
+        return -(-self.span // self.u) + 1
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        # Increment k is in force from the first integer token count where (end - start) * tokens >= k * T * u.
+        return -(-k * self.ramp_tokens * self.u // self.span), min(self.end, self.start + k * self.u)
+
+
+def _segments(cfg: Config):
     """Ramp segments as (start_tokens, global_batch) in increasing token order; one segment without a ramp."""
     t = cfg.train
+    if t.batch_ramp_start is not None and t.batch_ramp_start < t.global_batch_size:
+        return _GradualRampSegments(cfg)
     if t.batch_ramp_start is not None:
-        # Increment k is in force from the first integer token count where (end - start) * tokens >= k * T * u.
-        u, span = _ramp_increment(cfg), t.global_batch_size - t.batch_ramp_start
-        if span == 0:
-            return [(0, t.global_batch_size)]
-        num = -(-span // u)
-        return [(-(-k * t.batch_ramp_tokens * u // span), min(t.global_batch_size, t.batch_ramp_start + k * u))
-                for k in range(num + 1)]
+        return [(0, t.global_batch_size)]
     ramp = t.batch_size_rampup
     if not ramp:
         return [(0, t.global_batch_size)]
     return [(0, int(ramp[0][1]))] + [(float(tok), int(b)) for tok, b in ramp if float(tok) > 0]
 
 
+def tokens_at_steps(steps: list[int], cfg: Config) -> list[int]:
+    """Tokens consumed by the first ``n`` optimizer steps for each ``n`` of ascending ``steps`` (exact, including
+    the ramp-up), in one walk over the ramp's segments."""
+    seq, segs = cfg.data.seq_length, _segments(cfg)
+    out, tokens, taken, i = [], 0, 0, 0
+    for n in steps:
+        while i + 1 < len(segs):
+            # Steps taken in segment i: until tokens_seen reaches the next segment's start.
+            in_seg = max(0, math.ceil((segs[i + 1][0] - tokens) / (segs[i][1] * seq)))
+            if taken + in_seg > n:
+                break
+            tokens, taken, i = tokens + in_seg * segs[i][1] * seq, taken + in_seg, i + 1
+        out.append(tokens + (n - taken) * segs[i][1] * seq)
+    return out
+
+
 def tokens_at_step(num_steps: int, cfg: Config) -> int:
     """Tokens consumed by the first ``num_steps`` optimizer steps (exact, including the ramp-up)."""
-    seq = cfg.data.seq_length
-    tokens, steps_left = 0, num_steps
-    segs = _segments(cfg)
-    for i, (_, batch) in enumerate(segs):
-        per_step = batch * seq
-        if i + 1 < len(segs):
-            # Steps taken in this segment: until tokens_seen reaches the next segment's start.
-            in_seg = max(0, math.ceil((segs[i + 1][0] - tokens) / per_step))
-            take = min(in_seg, steps_left)
-        else:
-            take = steps_left
-        tokens += take * per_step
-        steps_left -= take
-        if steps_left == 0:
-            break
-    return tokens
+    return tokens_at_steps([num_steps], cfg)[0]
 
 
 def steps_for_tokens(total_tokens: float, cfg: Config) -> int:
@@ -173,13 +186,14 @@ def _interpolate(shape: str, lr_from: float, lr_to: float, progress: float) -> f
 
 def _piecewise_lr(tokens_seen: float, cfg: Config) -> float:
     """schedule.phases (validated by pretrain.config): the phase holding ``tokens_seen``, interpolated."""
-    lr, start = cfg.optim.lr, tokens_at_step(cfg.schedule.warmup_steps, cfg)
+    lr, start = cfg.optim.lr, None  # None: the end of the warmup, walked only when a decay needs it
     for phase in cfg.schedule.phases:
         end = phase["until_tokens"] if phase["until_tokens"] is not None else total_tokens(cfg)
         lr_end = lr if phase["lr_end"] is None else phase["lr_end"]
         if tokens_seen < end:
             if phase["shape"] == "constant":
                 return lr_end
+            start = tokens_at_step(cfg.schedule.warmup_steps, cfg) if start is None else start
             return _interpolate(phase["shape"], lr, lr_end, (tokens_seen - start) / max(1.0, end - start))
         lr, start = lr_end, end
     return lr
@@ -214,3 +228,80 @@ def lr_at(step: int, tokens_seen: float, cfg: Config) -> float:
 def loss_weights_at(tokens_seen: float, cfg: Config) -> tuple[float, float]:
     """(MTP lambda, expert-bias gamma) in force after ``tokens_seen`` tokens (constant or step changes)."""
     return step_value_at(cfg.mtp.loss_weight, tokens_seen), step_value_at(cfg.moe.bias_update_speed, tokens_seen)
+
+
+# ------------------------------------------------------------------------------------- the recipe, phase by phase
+
+def _token_breakpoints(cfg: Config) -> set[float]:
+    """Token counts where the LR shape, the batch ramp, lambda or gamma change (warmup excluded: it is by steps)."""
+    s, t, total = cfg.schedule, cfg.train, total_tokens(cfg)
+    points = {0.0}
+    if s.name == "multi_step":
+        points |= {p * total for p in s.decay_points}
+    elif s.name == "wsd":
+        points.add((1.0 - s.wsd_decay_fraction) * total)
+    elif s.name == "piecewise":
+        points |= {ph["until_tokens"] for ph in s.phases if ph["until_tokens"] is not None}
+    if t.batch_ramp_start is not None:
+        points.add(t.batch_ramp_tokens)
+    points |= {float(tok) for tok, _ in t.batch_size_rampup or []}
+    for spec in (cfg.mtp.loss_weight, cfg.moe.bias_update_speed):
+        if not isinstance(spec, (int, float)):
+            points |= {float(tok) for tok, _ in spec}
+    return {p for p in points if p < total}
+
+
+def _lr_shape(step: int, tokens_seen: float, cfg: Config) -> str:
+    s = cfg.schedule
+    if step <= s.warmup_steps:
+        return "warmup"
+    if s.name == "piecewise":
+        for ph in s.phases:
+            if ph["until_tokens"] is None or tokens_seen < ph["until_tokens"]:
+                return ph["shape"]
+        return "constant"
+    if s.name == "wsd":
+        return "linear" if tokens_seen >= (1.0 - s.wsd_decay_fraction) * total_tokens(cfg) else "constant"
+    return "cosine" if s.name == "cosine" else "constant"
+
+
+def schedule_phases(cfg: Config) -> list[dict]:
+    """The run cut into phases wherever the LR shape, the batch ramp, lambda or gamma change.
+
+    Each phase: ``first_step``/``last_step`` (1-based, inclusive), ``tokens_start``/``tokens_end`` (tokens seen
+    before its first step / after its last), ``lr_start``/``lr_end`` (at its first / last step), ``lr_shape``,
+    ``batch_start``/``batch_end``, ``mtp_weight`` and ``bias_update_speed`` (lambda, gamma at its first step).
+    Call :func:`validate_schedule` first for a layout's ramp increment (else dp = 1)."""
+    num_steps = total_steps(cfg)
+    firsts = {1, min(num_steps, cfg.schedule.warmup_steps + 1)}
+    # A token count takes effect at the first step whose tokens_seen reaches it.
+    firsts |= {steps_for_tokens(p, cfg) + 1 for p in _token_breakpoints(cfg)}
+    firsts = sorted(f for f in firsts if f <= num_steps)
+    lasts = [f - 1 for f in firsts[1:]] + [num_steps]
+    # tokens seen before each first step, before each last step, and after the last
+    counts = sorted({n for f, l in zip(firsts, lasts) for n in (f - 1, l - 1, l)})
+    seen = dict(zip(counts, tokens_at_steps(counts, cfg)))
+    phases = []
+    for first, last in zip(firsts, lasts):
+        a, z = seen[first - 1], seen[last - 1]
+        lam, gamma = loss_weights_at(a, cfg)
+        phases.append({"first_step": first, "last_step": last, "tokens_start": a, "tokens_end": seen[last],
+                       "lr_start": lr_at(first, a, cfg), "lr_end": lr_at(last, z, cfg),
+                       "lr_shape": _lr_shape(first, a, cfg), "batch_start": global_batch_at(a, cfg),
+                       "batch_end": global_batch_at(z, cfg), "mtp_weight": lam, "bias_update_speed": gamma})
+    return phases
+
+
+def schedule_samples(cfg: Config, num: int = 1500) -> dict[str, list[float]]:
+    """The recipe sampled at ~``num`` steps spread over the run plus both ends of every phase (for plots):
+    {"step", "tokens" (seen before the step), "lr", "batch", "mtp_weight", "bias_update_speed"}, by step."""
+    num_steps = total_steps(cfg)
+    steps = {1 + round(i * (num_steps - 1) / max(1, num - 1)) for i in range(num)}
+    for ph in schedule_phases(cfg):
+        steps |= {ph["first_step"], ph["last_step"]}
+    steps = sorted(steps)
+    tokens = tokens_at_steps([n - 1 for n in steps], cfg)
+    weights = [loss_weights_at(t, cfg) for t in tokens]
+    return {"step": steps, "tokens": tokens, "lr": [lr_at(n, t, cfg) for n, t in zip(steps, tokens)],
+            "batch": [global_batch_at(t, cfg) for t in tokens], "mtp_weight": [w[0] for w in weights],
+            "bias_update_speed": [w[1] for w in weights]}

@@ -4,7 +4,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.metrics import MetricsLogger, expert_load_heatmap, load_max_violation, measure_gemm_flops
+from pretrain.metrics import (MatplotlibMissing, MetricsLogger, expert_load_figure, expert_load_heatmap,
+                             expert_load_image, load_max_violation, measure_gemm_flops, new_figure)
 
 
 def _events(run_dir):
@@ -77,7 +78,30 @@ def test_expert_load_image_and_violation_tag(tmp_path):
     acc = _events(tmp_path)
     assert [(e.step, e.value) for e in acc.Scalars("moe/load_max_violation")] == [(7, 0.5)]
     images = acc.Images("moe/expert_load")
-    assert [(e.step, e.height, e.width) for e in images] == [(7, 16, 32)]
+    height, width, _ = expert_load_image(load, 7).shape  # the labelled figure, or the raw pixels without matplotlib
+    assert [(e.step, e.height, e.width) for e in images] == [(7, height, width)]
+
+
+def test_expert_load_figure_is_labelled():
+    pytest.importorskip("matplotlib")
+    load = torch.tensor([[0.0, 2.0, 4.0, 2.0], [2.0, 2.0, 2.0, 2.0]])
+    fig = expert_load_figure(load, step=7)
+    ax, cbar = fig.axes
+    assert ax.get_xlabel() == "expert" and ax.get_ylabel().startswith("MoE layer")
+    assert "step 7" in ax.get_title() and "0.500" in ax.get_title()
+    assert cbar.get_ylabel() == "load / mean load"
+    assert ax.images[0].get_array().tolist() == [[0.0, 1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]]  # load / layer mean
+    img = expert_load_image(load, 7)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.shape[0] > 100
+
+
+def test_expert_load_image_without_matplotlib_is_the_raw_heatmap(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    load = torch.tensor([[0.0, 2.0, 4.0, 2.0], [2.0, 2.0, 2.0, 2.0]])
+    assert np.array_equal(expert_load_image(load, 7), expert_load_heatmap(load))
+    with pytest.raises(MatplotlibMissing, match=r"^the plot needs matplotlib: pip install 'deepseek-pretrain\[plot\]'"):
+        new_figure("the plot")
 
 
 def test_measure_gemm_flops_is_plausible():

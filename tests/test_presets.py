@@ -136,3 +136,36 @@ def test_export_writes_the_released_rope_config(preset):
         assert cfg.max_position_embeddings == 163840
     else:
         assert rope == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_info_prints_the_recipe_phase_by_phase(capsys):
+    from pretrain.info import main
+
+    assert main(["--config", "deepseek-v3", "--dp", "64", "--schedule"]) == 0
+    out = capsys.readouterr().out.split("tokens  ")[1]  # the schedule table, after the model table
+    rows = [line.split() for line in out.splitlines()[1:7]]
+    # tokens, steps, LR, shape, batch, lambda, gamma per phase: warmup, ramp, plateau, cosine, 2.2e-5, 7.3e-6
+    assert [r[-1] for r in rows] == ["0.001"] * 4 + ["0", "0"]
+    assert [r[-2] for r in rows] == ["0.3"] * 3 + ["0.1"] * 3
+    assert rows[0][:3] == ["0", "-", "27.78B"] and "warmup" in rows[0] and rows[0][-5:-2] == ["3,072", "->", "3,776"]
+    assert rows[2][:3] == ["469B", "-", "10T"] and rows[2][-3] == "15,360"
+    assert rows[3][:3] == ["10T", "-", "14.3T"] and rows[3][6:10] == ["0.00022", "->", "2.2e-05", "cosine"]
+    assert rows[5][:3] == ["14.63T", "-", "14.8T"] and rows[5][6] == "7.3e-06"
+    assert "batch ramp 3072 -> 15360 over 469B tokens in steps of 64 (micro batch 1 x dp 64)" in out
+
+
+def test_info_plot_writes_a_png_or_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    from pretrain.info import main
+
+    path = tmp_path / "v2.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert main(["--config", "deepseek-v2", "--plot", str(path)]) == 0
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    assert main(["--config", "deepseek-v2", "--plot", str(tmp_path / "no.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: python -m pretrain.info --plot needs matplotlib") and err.count("\n") == 1
