@@ -136,12 +136,6 @@ class PackedDataset(torch.utils.data.Dataset):
         window = torch.cat([sample["tokens"], sample["labels"][-1:]])
         return window.numpy()
 
-    def dataset_id(self, idx: int) -> int:
-        """Which component (shard) sample ``idx`` comes from (the order of ``paths``, then shards)."""
-        if not hasattr(self._blend, "dataset_index"):
-            return 0
-        return int(self._blend.dataset_index[idx])
-
 
 def _check_args(paths, weights, seq_length, num_samples) -> None:
     if not paths:

@@ -7,9 +7,12 @@
 #   NCCL_DEBUG=INFO                NCCL prints its topology and transport choices (first thing to try on a hang)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1   a failed/timed-out collective aborts the process instead of hanging
 #   TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=600   watchdog: kill a rank stuck in a collective for this long
-#   DEEPSPEED_TIMEOUT=30           minutes a collective may wait (DeepSpeed's process-group timeout; default 10)
 #   TORCH_DISTRIBUTED_DEBUG=DETAIL extra checks on mismatched collectives (slow; debugging only)
 #   MASTER_PORT=29500              rendezvous port on the master node
+#
+# How long a collective may wait is a config key, not an environment variable (every process group gets it,
+# DeepSpeed's too): train.dist_timeout_s (start-up and the first step, default 1800 s), then
+# train.step_timeout_s (from step 2 on; null = the same). Pass them as overrides: train.step_timeout_s=600.
 #
 # Signals: SIGUSR1 is ignored by the launcher processes started from here (the setting is inherited across
 # exec), while the training processes install their own handler (pretrain.preemption). So SIGUSR1 sent to the
@@ -20,7 +23,7 @@
 trap '' USR1
 
 PASSTHROUGH_VARS="NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG
-TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC DEEPSPEED_TIMEOUT TORCH_DISTRIBUTED_DEBUG
+TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC TORCH_DISTRIBUTED_DEBUG
 OMP_NUM_THREADS PYTHONPATH"
 
 # The GPUs this job may use (CUDA_VISIBLE_DEVICES if set, else all on the node), else 2 processes on a CPU.

@@ -303,10 +303,6 @@ def select_checkpoint(cfg: Config) -> str | None:
     raise CheckpointError(f"{problem}; no older checkpoint in {run_dir} passes its checksums either")
 
 
-def load_trainer_state(cfg: Config, tag: str) -> dict:
-    return json.loads((Path(cfg.train.output_dir) / tag / STATE_FILE).read_text())
-
-
 def check_architecture(cfg: Config, step_dir: Path) -> None:
     """Refuse a checkpoint whose ``model`` section differs from ``cfg.model``: one line naming the key."""
     saved = load_config(step_dir / "config.yaml").model
