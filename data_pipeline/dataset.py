@@ -215,18 +215,12 @@ class SampleStream:
         self.consumed_samples = int(state["consumed_samples"])
 
 
-def document_boundaries(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token document ids and positions for ``data.reset_attention_at_eos``.
+def document_boundaries(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-token document ids for ``data.reset_attention_at_eos``: ``tokens (B, T)`` -> ``document_ids (B, T)``.
 
-    Every document ends with ``<eos>``, so a new document starts right after each one. ``tokens (B, T)`` ->
-    ``segment_ids (B, T)`` (attend only where equal, with the causal mask) and ``position_ids (B, T)``
-    (restarting at 0 in each document).
+    Every document ends with ``<eos>``, so a new document starts right after each one; the eos belongs to the
+    document it ends. The model takes them as ``model(input_ids, document_ids=...)``: tokens attend only within their
+    document and positions restart at each (``pretrain.model.transformer.positions_in_documents``).
     """
-    is_eos = tokens == eos_id
-    segment_ids = torch.cumsum(is_eos, dim=-1) - is_eos.long()  # the eos belongs to the document it ends
-    positions = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
-    # position of each document's first token: running max of (index after each eos)
-    starts = torch.where(is_eos, positions + 1, torch.zeros_like(positions))
-    starts = torch.cat([torch.zeros_like(starts[..., :1]), starts[..., :-1]], dim=-1)
-    starts = torch.cummax(starts, dim=-1).values
-    return segment_ids, positions - starts
+    is_eos = (tokens == eos_id).long()
+    return torch.cumsum(is_eos, dim=-1) - is_eos

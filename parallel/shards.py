@@ -5,11 +5,14 @@ groups, so for ``pp == 1`` with ``tp > 1`` or ``ep > 1`` every rank of the first
 writes its module weights in the pipeline checkpoint's file layout (one "layer" 00 holding the whole model):
 ``layer_00-model_TT-model_states.pt`` from EP rank 0 (every tensor of TP rank TT) and
 ``layer_00-model_TT-expert_EE-model_states.pt`` from EP rank EE > 0 (its experts only). Export then merges them
-with ``parallel.pipeline.gather_pipeline_state_dict``, the same code that merges pipeline stages. Like the
+with ``gather_pipeline_state_dict`` below, the same code that merges pipeline stages. Like the
 pipeline layer files these hold the module's weights (bf16 under bf16 training), not the fp32 master copies.
+
+Nothing here imports DeepSpeed: exporting a checkpoint merges its files with plain ``torch.load``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -42,3 +45,59 @@ def save_model_shards(module: nn.Module, cfg, step_dir: Path) -> None:
         state = {k: v for k, v in state.items() if k in keys}
         name = f"layer_00-model_{topo.tp_rank:02d}-expert_{topo.ep_rank:02d}-model_states.pt"
     torch.save({k: v.detach().clone() for k, v in state.items()}, Path(step_dir) / name)
+
+
+# ------------------------------------------------------------------------------------- consolidation
+
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)(?:-expert_(\d+))?-model_states\.pt$")
+
+
+def is_pipeline_checkpoint(step_dir: Path) -> bool:
+    return any(_LAYER_FILE.search(p.name) for p in Path(step_dir).glob("layer_*-model_states.pt"))
+
+
+def _merge(name: str, shards: list[torch.Tensor], full_shape: torch.Size) -> torch.Tensor:
+    """Concatenate shards along the one dim where a shard is smaller than the full tensor (or take one copy)."""
+    first = shards[0]
+    if first.shape == full_shape:
+        return first
+    dims = [d for d in range(first.ndim) if first.shape[d] != full_shape[d]]
+    if len(dims) != 1:
+        raise ValueError(f"{name}: shard shape {tuple(first.shape)} does not split {tuple(full_shape)} along one dim")
+    merged = torch.cat(shards, dim=dims[0])
+    if merged.shape != full_shape:
+        raise ValueError(f"{name}: {len(shards)} shards give {tuple(merged.shape)}, expected {tuple(full_shape)}")
+    return merged
+
+
+def gather_pipeline_state_dict(step_dir: Path, model: nn.Module) -> dict:
+    """The single-process state dict (fp32) from a pipeline checkpoint's layer files.
+
+    ``model`` is the plain model (any device, meta is fine) giving the full shapes: a tensor is split over TP
+    ranks (``model_TT``) or, for experts, over EP ranks (``expert_EE``, EP rank 0 in the plain layer file) along
+    the one dim where its shard is smaller; replicated tensors are taken from TP rank 0.
+    """
+    files: dict[tuple[int, int], dict[int, dict]] = {}  # (layer, ep) -> tp -> state
+    for path in sorted(Path(step_dir).glob("layer_*-model_states.pt")):
+        m = _LAYER_FILE.search(path.name)
+        if m:
+            layer, tp, ep = int(m[1]), int(m[2]), int(m[3] or 0)
+            files.setdefault((layer, ep), {})[tp] = torch.load(path, map_location="cpu", weights_only=True)
+    if not files:
+        raise FileNotFoundError(f"{step_dir}: no pipeline layer files (layer_XX-model_TT-model_states.pt)")
+    full = {k: v.shape for k, v in model.state_dict().items()}
+    collected: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # name -> (ep, tp) -> tensor
+    for (layer, ep), by_tp in files.items():
+        for tp, state in by_tp.items():
+            for name, tensor in state.items():
+                collected.setdefault(name, {})[(ep, tp)] = tensor
+    out = {}
+    for name, parts in collected.items():
+        if name not in full:
+            raise ValueError(f"{step_dir}: {name} is not a parameter of the model in config.yaml")
+        eps = sorted({ep for ep, _ in parts})
+        per_ep = [_merge(name, [parts[(ep, tp)] for tp in sorted(t for e, t in parts if e == ep)], full[name])
+                  if len(eps) == 1 else parts[(ep, 0)] for ep in eps]
+        tensor = _merge(name, per_ep, full[name]) if len(eps) > 1 else per_ep[0]
+        out[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return out

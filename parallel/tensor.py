@@ -36,6 +36,8 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from megatron.core.parallel_state import get_tensor_model_parallel_group
 
 from pretrain.model.attention import Attention, MLAttention
+from pretrain.model.head import IGNORE_INDEX
+from pretrain.model.transformer import token_mean
 from pretrain.model.layers import MLP
 
 
@@ -175,9 +177,9 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
     The same value on every TP rank and equal to ``cross_entropy_loss`` on the gathered logits.
     """
-    keep = labels != -100
+    keep = labels != IGNORE_INDEX
     losses = vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~keep, 0))  # (B, T)
-    return (losses * keep).sum() / keep.sum()
+    return token_mean((losses * keep).sum(), labels)  # a fully masked micro-batch: 0, not 0 / 0
 
 
 class _GatherLastDim(torch.autograd.Function):

@@ -388,7 +388,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, trust_unverified: bool =
                               f"trust_unverified=True only for checkpoints you produced)")
     cfg = load_config(run_dir / tag / "config.yaml")
     model = build_model(cfg.model)
-    from parallel.pipeline import gather_pipeline_state_dict, is_pipeline_checkpoint
+    from parallel.shards import gather_pipeline_state_dict, is_pipeline_checkpoint
     if is_pipeline_checkpoint(run_dir / tag):  # pp > 1, or tp/ep > 1 (parallel/shards.py): shards merged
         state = gather_pipeline_state_dict(run_dir / tag, model)
     else:

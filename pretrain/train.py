@@ -5,11 +5,11 @@ Runs under plain ``python`` (one process: a 1-process group is created here), ``
 ``parallel.parallelize_model`` and DeepSpeed's ``mpu``; with ``parallel.pp > 1`` the model is cut into DeepSpeed
 pipeline stages and each step is one 1F1B ``engine.train_batch`` (``parallel.pipeline``).
 
-One optimizer step (``train_step``):
-    loss = lm_loss + lambda * mean(mtp_losses) + seq_aux_alpha * seq_aux_loss + aux_loss_alpha * expert_aux_loss
-on each of this rank's micro-batches (DeepSpeed accumulates and averages the gradients over micro-batches and
-data-parallel ranks), then the expert-load counts are summed over micro-batches and data-parallel ranks and every
-replica moves its routers' bias by the same amount, so the bias stays identical everywhere.
+One optimizer step (``train_step``): ``pretrain.loss.total_loss`` (lm + lambda * mean(mtp) + the alpha-weighted
+balance terms, the same function in every layout) on each of this rank's micro-batches (DeepSpeed accumulates and
+averages the gradients over micro-batches and data-parallel ranks); then, if the optimizer step was applied, the
+expert-load counts summed over micro-batches and ranks move every replica's routers' bias by the same amount
+(``pretrain.loss.balance_experts``), so the bias stays identical everywhere.
 
 Seeds: the model is built after ``torch.manual_seed(train.seed)`` on every rank (identical initial weights);
 afterwards rank r seeds python, numpy and torch with ``train.seed + r``. Checkpoints store every rank's RNG state.
@@ -34,6 +34,7 @@ from pretrain import faults
 from pretrain.checkpoint import CheckpointError, TrainState, resume, save_checkpoint, write_run_files
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
+from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, parts_vector, total_loss
 from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps, validate_schedule
 
 
@@ -53,6 +54,7 @@ class Run:
     total_steps: int
     last_step: int
     guard: object = None
+    eos_id: int | None = None  # document boundaries (data.reset_attention_at_eos)
     schedule_state: dict = field(default_factory=dict)
     stage0_grad_norm: float = float("nan")
     consecutive_skips: int = 0
@@ -63,10 +65,8 @@ class Run:
 class StepResult:
     """Per-step values averaged over micro-batches and data-parallel ranks (identical on every rank)."""
 
-    loss: float
-    lm_loss: float
-    mtp_loss: float
-    seq_aux_loss: float
+    parts: dict  # pretrain.loss.LOSS_NAMES -> float: loss, lm_loss, mtp_loss and each balance term
+    dropped_tokens: float  # token copies dropped over capacity, summed over micro-batches and ranks
     lr: float
     grad_norm: float
     tokens: int
@@ -74,6 +74,10 @@ class StepResult:
     expert_load: torch.Tensor  # (num_moe_layers, n_routed_experts), summed over micro-batches and ranks
     eval_loss: float | None = None
     skipped: bool = False  # the optimizer step was skipped on every rank (StepGuard)
+
+    @property
+    def loss(self) -> float:
+        return self.parts["loss"]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -253,7 +257,8 @@ def setup(cfg: Config) -> Run:
                             log_interval=cfg.train.log_interval)
     preempt = PreemptionHandler(cfg.train.preemption_signals).install()
     last = min(steps, cfg.train.exit_at_step) if cfg.train.exit_at_step else steps
-    return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last, guard)
+    return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last, guard,
+               eos_id=stream.ds.eos_id)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -272,16 +277,22 @@ def _grad_norm(engine) -> float:
     return float(get_global_norm_of_tensors(grads, mpu=engine.mpu))
 
 
-def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: float):
-    """Forward/backward over this rank's micro-batches, optimizer step, expert-bias update.
+def document_ids(run: Run, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) document ids for ``data.reset_attention_at_eos`` (each document ends with the tokenizer's eos), else
+    None (the window is one sequence, as DeepSeek-V3 pretrains)."""
+    from data_pipeline.dataset import document_boundaries
 
-    Returns ((loss, lm_loss, mtp_loss, seq_aux_loss) averaged over micro-batches and data-parallel ranks,
-    expert load (L, E) summed over both).
+    return document_boundaries(input_ids, run.eos_id) if run.cfg.data.reset_attention_at_eos else None
+
+
+def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
+    """Forward/backward over this rank's micro-batches and the optimizer step (plain, TP and EP layouts).
+
+    Returns (the ``LOSS_NAMES`` parts averaged over micro-batches and data-parallel ranks, dropped token copies and
+    the expert load (L, E), both summed over micro-batches and data-parallel ranks).
     """
-    from pretrain.model import update_expert_bias
-
-    cfg, engine, step, rank = run.cfg, run.engine, run.state.step + 1, dist.get_rank()
-    sums = torch.zeros(4, device=run.device)  # loss, lm_loss, mtp_loss, seq_aux_loss summed over micro-batches
+    engine, step, rank = run.engine, run.state.step + 1, dist.get_rank()
+    sums = torch.zeros(len(LOSS_NAMES) + 1, device=run.device)  # the parts, then dropped tokens
     load = None
     for i, tokens in enumerate(micro_batches):
         # DeepSpeed's own boundary is (micro_steps + 1) % accumulation_steps: wrong once a batch-size ramp changes
@@ -289,27 +300,26 @@ def _forward_backward(run: Run, micro_batches: list, mtp_weight: float, gamma: f
         # a resume, which restarts micro_steps at 0). The last micro-batch of this step is the boundary.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
         tokens = tokens.to(run.device, non_blocking=True)  # (mb, seq + 1), pinned on GPU: an async copy
-        out = engine(tokens[:, :-1], labels=tokens[:, 1:])
-        mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else torch.zeros_like(out.lm_loss)
-        loss = (out.lm_loss + mtp_weight * mtp + cfg.moe.seq_aux_alpha * out.seq_aux_loss
-                + cfg.moe.aux_loss_alpha * out.expert_aux_loss)
+        input_ids = tokens[:, :-1]
+        out = engine(input_ids, labels=tokens[:, 1:], document_ids=document_ids(run, input_ids))
+        loss, parts = total_loss(out, weights)
         for kind, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf")), ("spike_loss", 100.0)):
             if faults.active(kind, step, rank):  # tests only (pretrain.faults)
                 loss = loss * factor
+        parts["loss"] = loss.detach()
         run.guard.add_loss(loss)
         engine.backward(loss)
         if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
             run.stage0_grad_norm = _grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        sums += torch.stack([loss, out.lm_loss, mtp, out.seq_aux_loss]).detach().float()
+        sums[:-1] += parts_vector(parts, run.device)
+        sums[-1] += dropped_tokens(out)
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
-    # Loss for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
+    # Losses for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
     # replica applies the same bias update.
-    means = _dp_sum(sums, run.topo) / (len(micro_batches) * run.topo.dp_size)
-    load = _dp_sum(load, run.topo)
-    if load.numel() and not run.guard.skipped:  # a skipped step leaves the bias unchanged too
-        update_expert_bias(engine.module, load, gamma)
-    return means, load
+    sums = _dp_sum(sums, run.topo)
+    means = sums[:-1] / (len(micro_batches) * run.topo.dp_size)
+    return means, float(sums[-1]), _dp_sum(load, run.topo)
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -327,21 +337,26 @@ def train_step(run: Run, step: int) -> StepResult:
         time.sleep(1e9)
     start = time.perf_counter()
     micro_batches = run.stream.next_batch(global_batch)
+    weights = LossWeights.at(cfg, mtp_weight)
     if run.topo.pp > 1:  # every stage draws the batch; the first and last stages read it
         from parallel.pipeline import pipeline_train_batch
-        means, load = pipeline_train_batch(engine, micro_batches, mtp_weight, gamma, run.device)
+        means, dropped, load = pipeline_train_batch(engine, micro_batches, weights,
+                                                    lambda ids: document_ids(run, ids), run.device)
+        model, rows = engine.module.stage, engine.module.stage.moe_rows
     else:
-        means, load = _forward_backward(run, micro_batches, mtp_weight, gamma)
+        means, dropped, load = _forward_backward(run, micro_batches, weights)
+        model, rows = engine.module, None
+    # DeepSpeed's own overflow check (ZeRO, non-finite norm) may skip even when the guard saw nothing.
+    skipped = run.guard.skipped or engine.skipped_steps > skipped_before
+    balance_experts(model, load, gamma, applied=not skipped, rows=rows)
     st.step, st.consumed_samples = step, run.stream.consumed_samples
     st.tokens_seen += global_batch * cfg.data.seq_length
     run.schedule_state = {"lr": lr, "mtp_weight": mtp_weight, "bias_update_speed": gamma,
                           "global_batch_size": global_batch}
     grad_norm = engine.get_global_grad_norm()
     grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
-    loss, lm_loss, mtp_loss, seq_aux = means.tolist()
-    # DeepSpeed's own overflow check (ZeRO, non-finite norm) may skip even when the guard saw nothing.
-    skipped = run.guard.skipped or engine.skipped_steps > skipped_before
-    return StepResult(loss, lm_loss, mtp_loss, seq_aux, lr, float("nan") if grad_norm is None else float(grad_norm),
+    parts = dict(zip(LOSS_NAMES, means.tolist()))
+    return StepResult(parts, dropped, lr, float("nan") if grad_norm is None else float(grad_norm),
                       global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu(), skipped=skipped)
 
 
@@ -388,16 +403,17 @@ def maybe_eval(run: Run, step: int) -> float | None:
     if run.eval_dataset is None or step % t.eval_interval:
         return None
     stream = SampleStream(run.eval_dataset, run.topo.dp_rank, run.topo.dp_size, t.micro_batch_size)
+    micro_batches = stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size)
     if run.topo.pp > 1:
         from parallel.pipeline import pipeline_eval_loss
-        return pipeline_eval_loss(run.engine, stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size),
-                                  run.device)
+        return pipeline_eval_loss(run.engine, micro_batches, lambda ids: document_ids(run, ids), run.device)
     model = run.engine.module
     model.eval()
     total = torch.zeros(1, device=run.device)
-    for tokens in stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size):
+    for tokens in micro_batches:
         tokens = tokens.to(run.device)
-        total += model(tokens[:, :-1], labels=tokens[:, 1:]).lm_loss.float()
+        input_ids = tokens[:, :-1]
+        total += model(input_ids, labels=tokens[:, 1:], document_ids=document_ids(run, input_ids)).lm_loss.float()
     model.train()
     return (_dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
 
@@ -407,9 +423,8 @@ def maybe_log(run: Run, step: int, r: StepResult) -> None:
     from pretrain.metrics import load_max_violation
 
     t, m = run.cfg.train, run.metrics
-    scalars = {"train/loss": r.loss, "train/lm_loss": r.lm_loss, "train/mtp_loss": r.mtp_loss, "train/lr": r.lr,
-               "train/grad_norm": r.grad_norm, "train/seq_aux_loss": r.seq_aux_loss,
-               "train/mtp_weight": run.schedule_state["mtp_weight"],
+    scalars = {**{f"train/{name}": value for name, value in r.parts.items()}, "train/lr": r.lr,
+               "train/grad_norm": r.grad_norm, "train/mtp_weight": run.schedule_state["mtp_weight"],
                "moe/bias_update_speed": run.schedule_state["bias_update_speed"],
                "train/skipped_steps": run.state.skipped_steps}
     m.log_step(step, scalars, r.tokens, r.step_time_s)
@@ -418,11 +433,12 @@ def maybe_log(run: Run, step: int, r: StepResult) -> None:
             m.log_expert_load(step, r.expert_load)
         elif step % t.log_interval == 0:
             m.log_scalar("moe/load_max_violation", load_max_violation(r.expert_load), step)
+        if step % t.log_interval == 0 or step == 1:
+            m.log_scalar("moe/dropped_tokens", r.dropped_tokens, step)
     if r.eval_loss is not None:
         m.log_scalar("eval/loss", r.eval_loss, step)
     if dist.get_rank() == 0:
-        record = {"step": step, "loss": r.loss, "lm_loss": r.lm_loss, "mtp_loss": r.mtp_loss, "lr": r.lr,
-                  "grad_norm": r.grad_norm, "tokens": run.state.tokens_seen, "seq_aux_loss": r.seq_aux_loss,
+        record = {"step": step, **r.parts, "lr": r.lr, "grad_norm": r.grad_norm, "tokens": run.state.tokens_seen,
                   "skipped": r.skipped}
         if r.eval_loss is not None:
             record["eval_loss"] = r.eval_loss

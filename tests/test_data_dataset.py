@@ -167,6 +167,8 @@ def test_shard_prefix_paths_are_accepted(corpus):
 
 def test_document_boundaries():
     tokens = torch.tensor([[5, 2, 7, 8, 2, 9], [2, 2, 4, 4, 4, 2]])
-    segments, positions = document_boundaries(tokens, eos_id=2)
-    assert segments.tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
-    assert positions.tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]]
+    from pretrain.model.transformer import positions_in_documents
+
+    document_ids = document_boundaries(tokens, eos_id=2)
+    assert document_ids.tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
+    assert positions_in_documents(document_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]]

@@ -89,7 +89,7 @@ def test_tp2_pp2_equals_single_process_and_exports_the_same_model(reference, dat
 @pytest.mark.slow
 def test_pp2_resume_is_exact(data_dir, pp2_run, tmp_path):
     """Restart the pp2 run from its step-2 checkpoint: step 3 and the final weights are bit for bit the same."""
-    from parallel.pipeline import gather_pipeline_state_dict
+    from parallel.shards import gather_pipeline_state_dict
     from pretrain.checkpoint import load_model_from_checkpoint
     full, out = pp2_run[0], tmp_path / "resumed"
     shutil.copytree(full, out, ignore=shutil.ignore_patterns("step_0000003", "tensorboard"))
@@ -122,7 +122,7 @@ def test_good_pipeline_layouts_pass():
 
 
 def test_merge_shards():
-    from parallel.pipeline import _merge
+    from parallel.shards import _merge
     full = torch.arange(24.0).view(4, 6)
     assert torch.equal(_merge("w", list(full.chunk(2, dim=1)), full.shape), full)  # row-parallel split
     assert torch.equal(_merge("w", list(full.chunk(2, dim=0)), full.shape), full)  # column-parallel / experts

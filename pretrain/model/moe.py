@@ -215,8 +215,9 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """x (B, T, H) -> y (B, T, H), (expert_load (E,), seq_aux (), expert_aux ())."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, T, H) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert, "seq_aux": (),
+        "expert_aux": ()}`` (unweighted balance terms; ``pretrain.loss.BALANCE_TERMS`` names each term's weight)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight, scores = self.gate(flat)
@@ -225,7 +226,7 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         seq_aux, expert_aux = balance_losses(scores, topk_idx, B)
         load = expert_counts(topk_idx.flatten(), self.gate.num_experts).float()
-        return y, (load, seq_aux, expert_aux)
+        return y, {"load": load, "seq_aux": seq_aux, "expert_aux": expert_aux}
 
 
 @torch.no_grad()

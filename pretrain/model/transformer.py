@@ -14,35 +14,75 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.attention import build_attention
-from pretrain.model.head import LMHead
+from pretrain.model.head import IGNORE_INDEX, LMHead
 from pretrain.model.layers import MLP, RMSNorm, RotaryEmbedding
 from pretrain.model.moe import MoE, GroupedExperts, Router
 
 
 @dataclass
 class ModelOutput:
-    """Training outputs (labels given). The loop forms loss = lm_loss + lambda * mean(mtp_losses) + alpha * seq_aux."""
+    """Training outputs (labels given), or a pipeline stage's outputs. ``pretrain.loss.total_loss`` forms the loss:
+    lm_loss + lambda * mean(mtp_losses) + sum over balance terms of alpha_term * moe_terms[term]."""
 
-    lm_loss: torch.Tensor
-    """Scalar: mean cross-entropy of the main head over non-ignored labels."""
+    lm_loss: torch.Tensor | None = None
+    """Scalar: mean cross-entropy of the main head over non-ignored labels (None on a stage without the head)."""
     mtp_losses: list = field(default_factory=list)
-    """D scalars: depth k predicts the labels shifted left by k (its last k positions ignored)."""
-    seq_aux_loss: torch.Tensor | None = None
-    """Scalar: sum over MoE layers of the V3 sequence-wise balance loss (unweighted)."""
-    expert_aux_loss: torch.Tensor | None = None
-    """Scalar: sum over MoE layers of the V2 expert-level balance loss (unweighted)."""
+    """D scalars (training only): depth k predicts the labels shifted left by k (its last k positions, and
+    positions whose target lies in another document, ignored)."""
+    moe_terms: dict = field(default_factory=dict)
+    """Unweighted balance terms summed over this model's MoE layers: name -> scalar (``"seq_aux"``,
+    ``"expert_aux"``, ...), plus counts such as ``"dropped"``; see ``pretrain.loss.BALANCE_TERMS``."""
     expert_load: torch.Tensor | None = None
     """(num_moe_layers, n_routed_experts) float: tokens routed to each expert (main layers first, then MTP)."""
     logits: torch.Tensor | None = None
     """(B, T, V) main-head logits; None when the fused head loss ran (``DeepSeekModel.head_loss``)."""
+    hidden_states: torch.Tensor | None = None
+    """(B, T, H): the output of a pipeline stage that has no head (``norm is None``)."""
+
+    @property
+    def seq_aux_loss(self) -> torch.Tensor:
+        return self.moe_terms["seq_aux"]
+
+    @property
+    def expert_aux_loss(self) -> torch.Tensor:
+        return self.moe_terms["expert_aux"]
+
+
+def token_mean(total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A summed per-token loss over the non-ignored labels -> their mean. Every layout normalises here: a fully
+    masked micro-batch (every label -100) gives 0 with zero gradients, never 0 / 0 = NaN."""
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), labels (B, T) with -100 = ignore -> scalar mean over the non-ignored positions (fp32).
+    """logits (B, T, V), labels (B, T) with -100 = ignore -> scalar mean over the non-ignored positions (fp32)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return token_mean(total, labels)
 
-    All labels ignored (a fully masked micro-batch) gives 0 with zero gradients instead of 0 / 0 = NaN."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids (B, T) (equal = same document, documents contiguous) -> position_ids (B, T) restarting at 0 at
+    each document's first token."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
+    new_doc[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = torch.where(new_doc, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
+def mtp_labels(labels: torch.Tensor, k: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets of MTP depth k: labels (B, T) shifted left by k. Position i sees the embedding of token i+k and
+    predicts labels[i+k]; its last k positions wrap around and are ignored, and so are positions whose token i+k
+    lies in another document than token i (a target never crosses a document end)."""
+    T = labels.shape[1]
+    labels_k = torch.roll(labels, -k, dims=1)
+    labels_k[:, T - k:] = IGNORE_INDEX
+    if document_ids is not None:
+        crosses = document_ids != torch.roll(document_ids, -k, dims=1)
+        labels_k = labels_k.masked_fill(crosses, IGNORE_INDEX)
+    return labels_k
 
 
 class Block(nn.Module):
@@ -55,9 +95,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if use_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h (B, T, H) -> (h (B, T, H), MoE stats tuple or None for a dense FFN)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None, cache=None):
+        """h (B, T, H), document_ids (B, T) or None, cache: this layer's KV cache or None (decoding)
+        -> (h (B, T, H), MoE stats dict or None for a dense FFN)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, document_ids=document_ids, cache=cache)
         out = self.mlp(self.post_attention_layernorm(h))
         stats = None
         if isinstance(out, tuple):
@@ -79,9 +121,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, use_moe=cfg.is_moe)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None):
         """h_prev, emb (B, T, H) -> (h (B, T, H) before the output norm, MoE stats or None)."""
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)), cos, sin)
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.block(h, cos, sin, document_ids)
 
 
 class DeepSeekModel(nn.Module):
@@ -143,36 +187,51 @@ class DeepSeekModel(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
-        """input_ids (B, T), labels (B, T) or None, position_ids (B, T) or None (= 0..T-1).
+    def blocks(self) -> list[tuple[int, nn.Module]]:
+        """(global layer index, block) of the transformer layers this model holds: all of them, or a pipeline
+        stage's slice (``parallel.pipeline`` keeps ``layers`` as a ModuleDict keyed by the global index, so the
+        state-dict names stay the plain model's)."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return [(int(i), block) for i, block in self.layers.items()]
+        return list(enumerate(self.layers))
 
-        Returns logits (B, T, V) when labels is None (MTP never runs), else a ModelOutput.
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None, cache=None):
+        """input_ids (B, T); labels (B, T) or None (-100 = ignore); position_ids (B, T) or None; document_ids (B, T)
+        or None: equal = same document, tokens attend only within their document and positions restart at each
+        (unless position_ids are given); hidden_states (B, T, H): a pipeline stage's input instead of the
+        embedding; cache: per-layer KV caches indexed by layer (decoding, ``pretrain.generate``).
+
+        Returns logits (B, T, V) when labels is None (MTP never runs), else a ModelOutput (MTP in training mode
+        only). A pipeline stage without the head (``norm is None``) returns a ModelOutput with ``hidden_states``.
         """
-        B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-        h = self.embed_tokens(input_ids)
+            position_ids = (positions_in_documents(document_ids) if document_ids is not None
+                            else torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0))
+        h = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         cos, sin = self.rotary(position_ids, h.dtype)
         stats = []
-        for layer in self.layers:
-            h, s = self._run(layer, h, cos, sin)
+        for i, layer in self.blocks():
+            if cache is not None:  # decoding: no checkpointing, the layer's cache is updated in place
+                h, s = layer(h, cos, sin, document_ids, cache[i])
+            else:
+                h, s = self._run(layer, h, cos, sin, document_ids)
             stats.append(s)
+        if self.norm is None:  # a pipeline stage before the last
+            return self._collect_moe_stats(ModelOutput(hidden_states=h), stats, h)
         if labels is None:
             return self.lm_head(self.norm(h))
         lm_loss, logits = self.head_loss(self.norm(h), labels)
         out = ModelOutput(lm_loss=lm_loss, logits=logits)
-        for k, module in enumerate(self.mtp, start=1):
+        for k, module in enumerate(self.mtp if self.training else (), start=1):
             # Depth k sees the embedding of token i+k and predicts token i+k+1 = labels[i+k]. Rolling wraps the
             # last k positions; causal attention keeps them from the others and their labels are ignored.
             emb = self.embed_tokens(torch.roll(input_ids, -k, dims=1))
-            h, s = self._run(module, h, emb, cos, sin)
+            h, s = self._run(module, h, emb, cos, sin, document_ids)
             stats.append(s)
-            labels_k = torch.roll(labels, -k, dims=1)
-            labels_k[:, T - k:] = -100
-            out.mtp_losses.append(self.head_loss(module.norm(h), labels_k)[0])
-        self._collect_moe_stats(out, [s for s in stats if s is not None], h)
-        return out
+            out.mtp_losses.append(self.head_loss(module.norm(h), mtp_labels(labels, k, document_ids))[0])
+        return self._collect_moe_stats(out, stats, h)
 
     def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normed hidden states (B, T, H), labels (B, T) -> (mean CE over non-ignored labels, logits or None).
@@ -181,20 +240,21 @@ class DeepSeekModel(nn.Module):
         linear-cross-entropy runs and no logits exist (pretrain/model/head.py); a replaced head or loss (tensor
         parallelism's vocab-parallel pair, a test's probe) gets the logits through ``loss_fn`` as before."""
         if self.loss_fn is cross_entropy_loss and type(self.lm_head) is LMHead:
-            return self.lm_head(h, labels=labels) / (labels != -100).sum().clamp(min=1), None
+            return token_mean(self.lm_head(h, labels=labels), labels), None
         logits = self.lm_head(h)
         return self.loss_fn(logits, labels), logits
 
-    def _collect_moe_stats(self, out: ModelOutput, stats: list, h: torch.Tensor) -> None:
+    def _collect_moe_stats(self, out: ModelOutput, stats: list, h: torch.Tensor) -> ModelOutput:
+        """Stack the MoE layers' loads into ``out.expert_load`` (L, E) and sum each term over the layers."""
+        stats = [s for s in stats if s is not None]
         if not stats:
-            zero = h.new_zeros((), dtype=torch.float32)
-            out.seq_aux_loss, out.expert_aux_loss = zero, zero
             out.expert_load = h.new_zeros(0, self.config.n_routed_experts, dtype=torch.float32)
-            return
-        loads, seq_aux, expert_aux = zip(*stats)
-        out.expert_load = torch.stack(loads)
-        out.seq_aux_loss = torch.stack(seq_aux).sum()
-        out.expert_aux_loss = torch.stack(expert_aux).sum()
+            out.moe_terms = {"seq_aux": h.new_zeros((), dtype=torch.float32),
+                             "expert_aux": h.new_zeros((), dtype=torch.float32)}
+            return out
+        out.expert_load = torch.stack([s["load"] for s in stats])
+        out.moe_terms = {name: torch.stack([s[name] for s in stats]).sum() for name in stats[0] if name != "load"}
+        return out
 
 
 def build_model(cfg) -> DeepSeekModel:
