@@ -1,0 +1,272 @@
+"""Text generation with the KV cache: batched prefill, incremental decoding, MTP self-speculative decoding; the CLI.
+
+    python -m pretrain.generate --checkpoint RUN_DIR|STEP_DIR|HF_DIR (--prompt TEXT ... | --prompts FILE.jsonl)
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--speculative mtp]
+        [--output FILE.jsonl]
+
+Under ``torchrun`` on a run or step directory the model is laid out as the checkpoint was trained (tp/ep from its
+config.yaml, each rank loading only its own shard files, nothing consolidated) and the prompts are split over the
+data-parallel ranks.
+
+One decoding loop serves plain and speculative decoding. Each step feeds, per row, the last committed token plus
+D drafts (D = 0 without speculation) at the row's next slots (pretrain/model/kv_cache.py), and the main model's
+logits at those T = 1 + D positions decide how many drafts the row keeps (m in [0, D]) and its next token. The
+MTP modules then propose the next D drafts from the main model's hidden states at the kept positions: module k
+at position i sees h^{k-1}_i and the embedding of token i + k, as in training. The prefill is the same step with
+the prompt as the fed tokens (right-padded; row b keeps n_b - 1 "drafts").
+
+Speculative sampling (temperature > 0) keeps the output distribution exact: a greedy draft d (a point mass) is
+accepted with probability p(d) under the main model's (filtered) distribution; on rejection the token is drawn
+from p with d removed, renormalised (Leviathan et al., 2023, with q = one-hot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.model.kv_cache import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (N, V) fp32 -> the same with everything outside the top-k and the top-p nucleus set to -inf.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Token choice: greedy at temperature 0, else softmax(filtered logits / T) drawn with a seeded generator."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int | None, device: torch.device):
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}, top_k={top_k}: need temperature >= 0, "
+                             f"0 < top_p <= 1, top_k >= 0")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) -> sampling distribution (..., V) fp32."""
+        return (filter_logits(logits.float(), self.top_k, self.top_p) / self.temperature).softmax(dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (N, V) -> (N,) long."""
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def uniform(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=device)
+
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """logits (B, 1 + D, V) at the fed positions, drafts (B, D) -> (kept drafts m (B,), tokens (B, 1 + D)).
+
+        ``tokens[:, :m + 1]`` are the row's new tokens: the m kept drafts, then the main model's own choice after
+        them. Inactive rows (finished) keep nothing."""
+        B, D = drafts.shape
+        rows = torch.arange(B, device=logits.device)
+        if self.greedy:
+            choice = logits.argmax(dim=-1)  # (B, 1 + D)
+            keep = drafts == choice[:, :D]
+        else:
+            probs = self.probs(logits)  # (B, 1 + D, V)
+            p_draft = probs[:, :D].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, D)
+            keep = self.uniform((B, D), logits.device) < p_draft
+        kept = (keep.long().cumprod(dim=1).sum(dim=1) if D else torch.zeros(B, dtype=torch.long,
+                                                                              device=logits.device))
+        kept = torch.where(active, kept, torch.zeros_like(kept))
+        if self.greedy:
+            last = choice[rows, kept]
+        else:
+            residual = probs[rows, kept]  # (B, V): where a draft was rejected, p without that draft
+            rejected = kept < D
+            if D:
+                rejected_draft = drafts[rows, kept.clamp(max=D - 1)]
+                residual[rows[rejected], rejected_draft[rejected]] = 0.0
+            last = self.draw(residual / residual.sum(dim=-1, keepdim=True))
+        tokens = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)
+        tokens[rows, kept] = last
+        return kept, tokens
+
+
+def _gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits of a tensor-parallel ``lm_head`` (vocab shard on each TP rank) -> the full vocabulary."""
+    if logits.shape[-1] == vocab_size:
+        return logits
+    from megatron.core.parallel_state import get_tensor_model_parallel_group
+    group = get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` holds on any rank: every rank must run the same number of forwards (expert-parallel
+    all-to-alls and tensor-parallel all-reduces inside them are collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _Decoder:
+    """One batch's caches and the two forwards of a step: the main model, then the MTP drafts."""
+
+    def __init__(self, model, batch: int, capacity: int, depth: int, sampler: Sampler):
+        self.model, self.depth, self.sampler = model, depth, sampler
+        self.cache = KVCache.for_model(model, batch, capacity)
+        self.mtp_cache = self.cache.mtp_caches(model)[:depth]
+        self.hidden: torch.Tensor | None = None
+
+    def main(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at each row's next slots -> logits (B, T, V); keeps the final norm's input (B, T, H)."""
+        positions = self.cache.state.slots(tokens.shape[1])
+        if not self.depth:
+            return self.model(tokens, position_ids=positions, cache=self.cache)
+        handle = self.model.norm.register_forward_hook(lambda m, args, out: setattr(self, "hidden", args[0]))
+        try:
+            return self.model(tokens, position_ids=positions, cache=self.cache)
+        finally:
+            handle.remove()
+
+    def drafts(self, following: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Run the MTP modules on the slots just fed -> greedy drafts (B, D).
+
+        following (B, T + D): following[:, j] is the token after fed position j (valid for j <= kept), the rest
+        filled here with the drafts as they come; kept (B,): the last fed position each row keeps."""
+        model, T = self.model, self.hidden.shape[1]
+        rows = torch.arange(kept.shape[0], device=kept.device)
+        cos, sin = model.rotary(self.cache.state.slots(T), self.hidden.dtype)
+        h, drafts = self.hidden, []
+        for k, (module, cache) in enumerate(zip(model.mtp, self.mtp_cache), start=1):
+            emb = model.embed_tokens(following[:, k - 1:k - 1 + T])  # module k at position i sees token i + k
+            h = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h)], dim=-1))
+            h, _ = module.block(h, cos, sin, None, cache)
+            logits = _gather_vocab(model.lm_head(module.norm(h[rows, kept])), model.config.vocab_size)
+            draft = logits.argmax(dim=-1)  # (B,)
+            following[rows, kept + k] = draft
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1)
+
+
+def _right_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p, device=device)
+    return ids, lengths
+
+
+def _check_args(model, prompts, max_new_tokens: int, speculative) -> int:
+    if speculative not in (None, "mtp"):
+        raise ValueError(f"speculative={speculative!r}: use None or 'mtp'")
+    depth = len(model.mtp) if speculative == "mtp" else 0
+    if speculative == "mtp" and depth == 0:
+        raise ValueError("speculative='mtp' needs MTP modules (model.num_nextn_predict_layers > 0); the model has "
+                         "none (HuggingFace exports drop them)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: need at least 1")
+    bad = [i for i, p in enumerate(prompts) if not p]
+    if bad:
+        raise ValueError(f"prompt {bad[0]} is empty: every prompt needs at least one token")
+    return depth
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, stop_ids=None, speculative: str | None = None,
+             stats: dict | None = None) -> list[list[int]]:
+    """The new tokens of each prompt (a stop token, when met, is the last one kept).
+
+    model: a ``DeepSeekModel`` (plain, or parallelized by ``parallel.parallelize_model``: then every rank of the
+    model-parallel group must call this, tensor-parallel ranks with the same prompts); prompts: token ids, any
+    lengths (an empty list is allowed under torch.distributed: the rank still steps with the others); greedy at
+    temperature 0; ``seed`` makes sampling reproducible; ``speculative="mtp"`` drafts with the MTP modules and
+    verifies in one forward (greedy: the same tokens as without). ``stats``, if given, receives
+    forwards / tokens / seconds / tokens_per_s and, with speculation, the draft acceptance rate.
+    """
+    depth = _check_args(model, prompts, max_new_tokens, speculative)
+    device = model.embed_tokens.weight.device
+    num_real = len(prompts)
+    prompts = [list(p) for p in prompts] or [[0]]  # a rank without prompts still runs every collective forward
+    sampler = Sampler(temperature, top_k, top_p, seed, device)
+    stops = set(stop_ids or ())
+    start = time.perf_counter()
+    ids, lengths = _right_pad(prompts, device)
+    B, T = ids.shape
+    rows = torch.arange(B, device=device)
+    dec = _Decoder(model, B, T + max_new_tokens + 2 * depth + 1, depth, sampler)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = rows < num_real
+    counts = {"forwards": 1, "proposed": 0, "accepted": 0}
+
+    # Prefill: one forward of all prompts; row b keeps its n_b slots and draws its first token at n_b - 1.
+    last_logits = dec.main(ids)[rows, lengths - 1]  # (B, V)
+    last = last_logits.argmax(dim=-1) if sampler.greedy else sampler.draw(sampler.probs(last_logits))
+    kept, new_tokens = lengths - 1, last.unsqueeze(1)
+    following = torch.cat([ids[:, 1:], torch.zeros(B, depth + 1, dtype=torch.long, device=device)], dim=1)
+    following[rows, kept] = last  # the token after each prompt position
+    while True:
+        running = _commit(outputs, new_tokens, active, max_new_tokens, stops)
+        drafts = dec.drafts(following, kept) if depth else None  # (B, D) before the slots are kept
+        dec.cache.state.advance(torch.where(active, kept + 1, torch.zeros_like(kept)))
+        active &= running
+        if not _any_rank(bool(active.any()), device):
+            break
+        # Verify: the newest token (not yet in the cache) and the drafts, in one forward.
+        fed = last.unsqueeze(1) if drafts is None else torch.cat([last.unsqueeze(1), drafts], dim=1)
+        kept, tokens = sampler.verify(dec.main(fed), fed[:, 1:], active)
+        counts["forwards"] += 1
+        counts["proposed"] += depth * int(active.sum())
+        counts["accepted"] += int(kept.sum())
+        last = tokens[rows, kept]
+        new_tokens = tokens.masked_fill(torch.arange(tokens.shape[1], device=device) > kept.unsqueeze(1), -1)
+        following = torch.cat([tokens, torch.zeros(B, depth, dtype=torch.long, device=device)], dim=1)
+    _fill_stats(stats, outputs[:num_real], counts, time.perf_counter() - start)
+    return outputs[:num_real]
+
+
+def _commit(outputs: list[list[int]], new_tokens: torch.Tensor, active: torch.Tensor, max_new_tokens: int,
+            stops: set) -> torch.Tensor:
+    """Append each active row's new tokens (B, N) (-1 = none), stopping at a stop id or at max_new_tokens
+    -> (B,) bool: rows still running."""
+    running = []
+    for out, row, on in zip(outputs, new_tokens.tolist(), active.tolist()):
+        for t in row if on else ():
+            if t < 0:
+                break
+            out.append(t)
+            if t in stops or len(out) >= max_new_tokens:
+                on = False
+                break
+        running.append(on)
+    return torch.tensor(running, device=new_tokens.device)
+
+
+def _fill_stats(stats: dict | None, outputs, counts: dict, seconds: float) -> None:
+    if stats is None:
+        return
+    tokens = sum(len(o) for o in outputs)
+    stats.update(forwards=counts["forwards"], tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                 proposed_drafts=counts["proposed"], accepted_drafts=counts["accepted"],
+                 acceptance_rate=counts["accepted"] / counts["proposed"] if counts["proposed"] else None)
