@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -270,3 +271,180 @@ def _fill_stats(stats: dict | None, outputs, counts: dict, seconds: float) -> No
     stats.update(forwards=counts["forwards"], tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                  proposed_drafts=counts["proposed"], accepted_drafts=counts["accepted"],
                  acceptance_rate=counts["accepted"] / counts["proposed"] if counts["proposed"] else None)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
+    """This rank's part of a run's model in the run's own tp/ep layout, from its files only (no consolidation).
+
+    tp/ep > 1 runs (pp = 1) write each TP rank's module state from EP rank 0 and each EP rank's experts
+    (parallel/shards.py); the model is built, parallelized, and loads exactly those. A tp = ep = 1 run is one
+    model on every rank (data-parallel generation)."""
+    from parallel import initialize_parallel, parallelize_model
+    from parallel.shards import needs_model_shards
+    from pretrain.checkpoint import CheckpointError, consolidated_state_dict, verify_checksums
+    from pretrain.config import load_config
+    from pretrain.model import build_model
+
+    step_dir = run_dir / tag
+    problems = verify_checksums(step_dir, collective=True)
+    if problems and not trust_unverified:
+        raise CheckpointError(f"{problems[0]}; refusing to unpickle an unverified checkpoint (--trust-unverified "
+                              f"only for checkpoints you produced)")
+    cfg = load_config(step_dir / "config.yaml")
+    if cfg.parallel.pp > 1:
+        raise ValueError(f"{step_dir}: pipeline-parallel checkpoints (parallel.pp={cfg.parallel.pp}) are not "
+                         f"generated from in their layout yet; export it (python -m pretrain.export) and pass the "
+                         f"HuggingFace folder")
+    topo = type(topo).from_config(cfg, topo.world_size, topo.rank)
+    model = build_model(cfg.model)
+    if needs_model_shards(cfg):
+        initialize_parallel(topo)
+        model = parallelize_model(model, topo)  # no capacity factor: generation is dropless
+        state = torch.load(step_dir / f"layer_00-model_{topo.tp_rank:02d}-model_states.pt", map_location="cpu",
+                           weights_only=True)
+        if topo.ep_rank > 0:  # that file holds EP rank 0's experts: take this rank's own
+            state.update(torch.load(step_dir / f"layer_00-model_{topo.tp_rank:02d}-expert_{topo.ep_rank:02d}"
+                                    f"-model_states.pt", map_location="cpu", weights_only=True))
+    else:
+        state = consolidated_state_dict(run_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in set(model.state_dict())]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {step_dir}: weights do not match the model (missing {missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]})")
+    return model.eval(), cfg, topo
+
+
+def load_for_generation(path: str, trust_unverified: bool = False):
+    """(model, tokenizer path or None, (dp_rank, dp_size)) from a run, step or HuggingFace directory.
+
+    One process: the whole model. Under torchrun on a run/step directory: the run's own tp/ep layout
+    (``_load_sharded``); on a HuggingFace folder: the whole model on every rank (data parallel)."""
+    from pretrain.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+    from pretrain.engine import init_distributed, launcher_env
+
+    path_ = Path(path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local_rank, world = launcher_env()
+        device = init_distributed(local_rank)
+    else:
+        rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (path_ / "config.json").is_file():
+        from pretrain.export import from_hf
+        model, _ = from_hf(path_)
+        tokenizer = path_ / "tokenizer.model"
+        return model.eval().float().to(device), str(tokenizer) if tokenizer.is_file() else None, (rank, world)
+    if world == 1:
+        model, cfg, tokenizer = load_model_from_checkpoint(path_, trust_unverified=trust_unverified)
+        return model.to(device), tokenizer, (0, 1)
+    from parallel import Topology
+    run_dir, tag = resolve_checkpoint(path_)
+    model, cfg, topo = _load_sharded(run_dir, tag, Topology(world_size=world, rank=rank), trust_unverified)
+    tokenizer = run_dir / "tokenizer.model"
+    return model.to(device), str(tokenizer) if tokenizer.is_file() else cfg.data.tokenizer, (topo.dp_rank,
+                                                                                              topo.dp_size)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def read_prompts(args) -> list[str]:
+    """--prompt texts, or the "prompt" strings of a .jsonl file (one line each; an error names file and line)."""
+    if args.prompt:
+        return list(args.prompt)
+    prompts = []
+    try:
+        lines = Path(args.prompts).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"--prompts {args.prompts}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            raise ValueError(f"--prompts {args.prompts}:{n}: need a JSON object with a string \"prompt\"")
+        prompts.append(prompt)
+    return prompts
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory (uses `latest`), step_NNNNNNN or HF folder")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", help="one or more prompt texts")
+    src.add_argument("--prompts", help="a .jsonl file with one {\"prompt\": str} per line")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP self-speculative decoding")
+    ap.add_argument("--output", help="write {\"prompt\", \"completion\", \"completion_ids\"} per line here")
+    ap.add_argument("--trust-unverified", action="store_true",
+                    help="load a checkpoint without (or failing) its checksums.json (only checkpoints you produced)")
+    return ap
+
+
+def _gather_outputs(mine: list[int], outputs: list[list[int]], total: int) -> list[list[int]] | None:
+    """Every rank's (prompt indices, outputs) -> all outputs in prompt order on rank 0 (None elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return outputs
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (mine, outputs))
+    if dist.get_rank() != 0:
+        return None
+    result: list = [None] * total
+    for indices, outs in parts:
+        for i, out in zip(indices, outs):
+            result[i] = out
+    return result
+
+
+def run(args) -> int:
+    from data_pipeline.tokenizer import load_tokenizer
+
+    prompts = read_prompts(args)
+    model, tokenizer_path, (dp_rank, dp_size) = load_for_generation(args.checkpoint, args.trust_unverified)
+    if tokenizer_path is None:
+        raise ValueError(f"--checkpoint {args.checkpoint}: no tokenizer.model next to the weights (nor "
+                         f"data.tokenizer in its config.yaml)")
+    tok = load_tokenizer(tokenizer_path)
+    mine = list(range(len(prompts)))[dp_rank::dp_size]  # tensor-parallel peers share a dp rank: same prompts
+    stats: dict = {}
+    outputs = generate(model, [tok.encode(prompts[i]) for i in mine], args.max_new_tokens, args.temperature,
+                       args.top_p, args.top_k, args.seed, stop_ids=[tok.eos_id], speculative=args.speculative,
+                       stats=stats)
+    outputs = _gather_outputs(mine, outputs, len(prompts))
+    if outputs is None:
+        return 0
+    rows = [{"prompt": p, "completion": tok.decode([t for t in o if t != tok.eos_id]), "completion_ids": o}
+            for p, o in zip(prompts, outputs)]
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        for r in rows:
+            print(f"--- {r['prompt']!r} ->\n{r['prompt']}{r['completion']}")
+    accept = stats.get("acceptance_rate")
+    print(f"rank 0: {stats['tokens']} tokens in {stats['seconds']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s, "
+          f"{stats['forwards']} forwards" + (f", MTP draft acceptance {accept:.1%}" if accept is not None else "")
+          + ")", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pretrain.config import ConfigError
+    try:
+        return run(args)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"pretrain.generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -169,3 +169,96 @@ def test_errors_are_one_line():
         generate(model, [[1], []], 4)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, [[1]], 4, temperature=1.0, top_p=0.0)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def _hf_dir_with_tokenizer(tmp_path):
+    from helpers import CONFIGS, trained_tokenizer
+    from pretrain.config import ModelConfig
+    from pretrain.export import to_hf
+    from pretrain.model import build_model
+
+    cfg = ModelConfig(**dict(CONFIGS["llama_gqa"], vocab_size=1000))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    to_hf(model, cfg, tmp_path / "hf", tokenizer=trained_tokenizer(1000))
+    return model, tmp_path / "hf"
+
+
+def test_cli_writes_prompt_completion_and_ids(tmp_path):
+    import json
+    from data_pipeline.tokenizer import load_tokenizer
+
+    model, hf_dir = _hf_dir_with_tokenizer(tmp_path)
+    tok = load_tokenizer(str(hf_dir / "tokenizer.model"))
+    prompts = ["def f(x):\n    return ", "import os\n"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
+    out = tmp_path / "out.jsonl"
+    assert gen_mod.main(["--checkpoint", str(hf_dir), "--prompts", str(tmp_path / "p.jsonl"),
+                         "--max-new-tokens", "6", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = generate(model, [tok.encode(p) for p in prompts], 6, stop_ids=[tok.eos_id])
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["completion_ids"] for r in rows] == want
+    assert [r["completion"] for r in rows] == [tok.decode([t for t in w if t != tok.eos_id]) for w in want]
+
+
+def test_cli_errors_name_the_file_or_flag(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert gen_mod.main(["--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pretrain.generate: error: --prompts {tmp_path / 'bad.jsonl'}:2: need a JSON object with a string " \
+                  '"prompt"'
+    assert gen_mod.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pretrain.generate: error:") and "nope" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------- multi-process
+
+def _sharded_generation(rank, world, layout, run_dir, prompts, reference):
+    """Write this layout's model shards as training does, load them back as the CLI does (each rank its own
+    files), generate this dp rank's prompts (plain and MTP-speculative) and compare with one process."""
+    import torch.distributed as dist
+    from parallel import Topology, initialize_parallel, parallelize_model
+    from parallel.shards import save_model_shards
+    from pretrain.config import load_config, save_config
+    from pretrain.model import build_model
+
+    cfg = load_config("tiny", [f"parallel.{k}={v}" for k, v in layout.items()] + ["model.initializer_range=0.08"])
+    topo = Topology.from_config(cfg, world, rank)
+    initialize_parallel(topo)
+    torch.manual_seed(0)
+    model = parallelize_model(build_model(cfg.model), topo)
+    step_dir = run_dir / "step_0000001"
+    if rank == 0:
+        step_dir.mkdir(parents=True)
+        save_config(cfg, step_dir / "config.yaml")
+    dist.barrier()
+    save_model_shards(model, cfg, step_dir)
+    dist.barrier()
+    loaded, _, topo = gen_mod._load_sharded(run_dir, step_dir.name, Topology(world_size=world, rank=rank), True)
+    mine = list(range(len(prompts)))[topo.dp_rank::topo.dp_size]
+    for speculative in (None, "mtp"):
+        out = generate(loaded, [prompts[i] for i in mine], 24, speculative=speculative)
+        tokens, margins = [reference[i][0] for i in mine], [reference[i][1] for i in mine]
+        compare_with_near_ties(out, tokens, margins)
+    # a data-parallel rank without prompts keeps stepping with the others (expert all-to-alls are collective)
+    out = generate(loaded, [prompts[0]] if topo.dp_rank == 0 else [], 8)
+    assert out == ([reference[0][0][:8]] if topo.dp_rank == 0 else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}], ids=["tp2", "dp2-ep2"])
+def test_sharded_generation_matches_one_process(layout, tmp_path):
+    from helpers import run_distributed
+    from pretrain.config import load_config
+    from pretrain.model import build_model
+
+    cfg = load_config("tiny", ["model.initializer_range=0.08"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    prompts = make_prompts(cfg.model.vocab_size, lengths=(7, 19, 12))
+    reference = [reference_greedy(model, p, 24) for p in prompts]
+    run_distributed(_sharded_generation, 2, layout, tmp_path / "run", prompts, reference)
