@@ -14,7 +14,8 @@ from parallel.topology import DeepSpeedMPU, Topology, initialize_parallel
 
 
 def parallelize_model(model: nn.Module, topo: Topology, cfg=None) -> nn.Module:
-    """Apply tensor parallelism (tp > 1), then expert parallelism (ep > 1 or a capacity factor) to a built model.
+    """Apply tensor parallelism (tp > 1), then expert parallelism (ep > 1) to a built model, and switch on the
+    MoE layers' token dropping (``moe.capacity_factor``; training mode only).
 
     The model must hold the full weights (the same on every rank: build it with the same seed); each rank
     keeps its slices. Identity when tp = ep = 1. Pipeline cutting is separate (``parallel.pipeline``).
@@ -22,10 +23,12 @@ def parallelize_model(model: nn.Module, topo: Topology, cfg=None) -> nn.Module:
     if topo.tp > 1:
         from parallel.tensor import apply_tensor_parallel
         model = apply_tensor_parallel(model, topo)
-    capacity_factor = cfg.parallel.capacity_factor if cfg is not None else None
-    if topo.ep > 1 or capacity_factor is not None:  # capacity dropping lives in the dispatch, also without EP
+    if topo.ep > 1:
         from parallel.expert import apply_expert_parallel
-        model = apply_expert_parallel(model, topo, capacity_factor)
+        model = apply_expert_parallel(model, topo)
+    if cfg is not None and cfg.moe.capacity_factor is not None:  # decided in the MoE layers, the same in every layout
+        from pretrain.model.moe import set_token_dropping
+        set_token_dropping(model, cfg.moe.capacity_factor)
     return model
 
 

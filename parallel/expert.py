@@ -1,6 +1,8 @@
 """Expert parallelism: experts sharded over the expert-parallel group, tokens moved by all-to-all.
 
-The MoE boundary is ``mlp.experts(x (N, H), topk_idx (N, K), topk_weight (N, K)) -> (N, H)``.
+The MoE boundary is ``mlp.experts(x (N, H), topk_idx (N, K), topk_weight (N, K), keep (N, K) | None) -> (N, H)``
+(``keep``: the copies the MoE layer's device-level token dropping kept; decided before dispatch, so every layout
+drops the same copies).
 ``apply_expert_parallel`` replaces each ``GroupedExperts`` with ``ExpertParallelExperts``, which keeps only
 this rank's slice of the stacked weights (same parameter names, so state dicts keep their keys) and runs
 
@@ -22,14 +24,13 @@ gradients are identical across TP because both their inputs and the gradient rea
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.model.moe import GroupedExperts, expert_counts, gather_rows
+from pretrain.model.moe import GroupedExperts, expert_counts, gather_rows, kept_copies
 
 
 class _AllToAll(torch.autograd.Function):
@@ -74,50 +75,24 @@ class DispatchContext:
     """Copies received from each EP rank."""
     num_tokens: int
     """N: rows of the original input."""
-    num_dropped: int
-    """Token copies dropped for exceeding the expert capacity on this rank (0 when dropless)."""
     group: object
     """The EP process group."""
 
 
-def _keep_within_capacity(flat_idx: torch.Tensor, flat_weight: torch.Tensor, num_experts: int,
-                          capacity_factor: float) -> torch.Tensor:
-    """Bool mask (N*K,) keeping at most ceil(cf * N*K / E) copies per expert, the highest-weight ones.
-
-    Capacity is per source rank (each rank drops from the copies it sends), as in DeepSeek-V2's
-    device-limited dropping; dropped copies contribute nothing (their token keeps the shared-expert path).
-    """
-    capacity = math.ceil(capacity_factor * flat_idx.numel() / num_experts)
-    # Sort by (expert, -weight); a copy's rank within its expert is its position minus the expert's start.
-    by_weight = flat_weight.argsort(descending=True, stable=True)
-    order = by_weight[flat_idx[by_weight].argsort(stable=True)]
-    counts = expert_counts(flat_idx, num_experts)
-    starts = counts.cumsum(0) - counts
-    rank_in_expert = torch.arange(order.numel(), device=flat_idx.device) - starts[flat_idx[order]]
-    keep = torch.zeros_like(flat_idx, dtype=torch.bool)
-    keep[order] = rank_in_expert < capacity
-    return keep
-
-
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int, group,
-             capacity_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
     """Send each token copy to the EP rank owning its expert.
 
-    x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K). Experts are split contiguously: EP rank r
-    owns experts [r * E_local, (r + 1) * E_local); ``group=None`` = one rank owning all (used for capacity dropping
-    without expert parallelism). Returns the received copies sorted by local expert (M, H),
-    ``tokens_per_local_expert`` (E_local,) long summing to M, and the context for ``combine``.
+    x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K), keep (N, K) bool or None: the copies the MoE
+    layer's token dropping kept (``pretrain.model.moe.device_capacity_keep``; dropped ones are never sent). Experts
+    are split contiguously: EP rank r owns experts [r * E_local, (r + 1) * E_local); ``group=None`` = one rank
+    owning all. Returns the received copies sorted by local expert (M, H), ``tokens_per_local_expert`` (E_local,)
+    long summing to M, and the context for ``combine``.
     """
     ep = 1 if group is None else dist.get_world_size(group)
     num_local = num_experts // ep
     flat_idx, flat_weight = topk_idx.flatten(), topk_weight.flatten()  # (N*K,)
-    num_dropped = 0
-    if capacity_factor is not None:
-        keep = _keep_within_capacity(flat_idx, flat_weight.detach(), num_experts, capacity_factor)
-        num_dropped = int((~keep).sum())
-        copy_ids = keep.nonzero().squeeze(1)
-    else:
-        copy_ids = torch.arange(flat_idx.numel(), device=x.device)
+    copy_ids = kept_copies(keep, flat_idx)
     # Stable sort by expert: the same copy order as the single-process GroupedExperts, so sums match.
     order = copy_ids[flat_idx[copy_ids].argsort(stable=True)]
     counts = expert_counts(flat_idx[order], num_experts)  # (E,) copies this rank sends per expert
@@ -137,7 +112,7 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
     recv_order = local_expert.argsort(stable=True)
     ctx = DispatchContext(token_index=token_index, weight=flat_weight[order], recv_order=recv_order,
                           input_splits=input_splits, output_splits=output_splits, num_tokens=x.shape[0],
-                          num_dropped=num_dropped, group=group)
+                          group=group)
     return gather_rows(x_recv, recv_order), recv_counts.sum(dim=0), ctx
 
 
@@ -161,32 +136,28 @@ class ExpertParallelExperts(GroupedExperts):
     [first_expert, first_expert + E_local). Same call as ``GroupedExperts``: (x, topk_idx, topk_weight) -> (N, H).
     """
 
-    def __init__(self, full: GroupedExperts, ep_group, ep_rank: int, ep_size: int,
-                 capacity_factor: float | None = None):
+    def __init__(self, full: GroupedExperts, ep_group, ep_rank: int, ep_size: int):
         num_local = full.num_experts // ep_size
         hidden, inter = full.gate_proj.shape[2], full.gate_proj.shape[1]
         with torch.device("meta"):
             super().__init__(num_local, hidden, inter)
         self.num_global_experts, self.first_expert = full.num_experts, ep_rank * num_local
-        self.ep_group, self.capacity_factor = ep_group, capacity_factor
+        self.ep_group = ep_group
         local = slice(self.first_expert, self.first_expert + num_local)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
-        # Total token copies dropped over capacity since the last reset (a metric the loop may read and zero).
-        self.register_buffer("num_dropped", torch.zeros((), dtype=torch.long, device=full.gate_proj.device),
-                             persistent=False)
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K) -> (N, H)."""
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K), keep (N, K) bool or None -> (N, H)."""
         x_local, tokens_per_expert, ctx = dispatch(x, topk_idx, topk_weight, self.num_global_experts,
-                                                   self.ep_group, self.capacity_factor)
+                                                   self.ep_group, keep)
         if x_local.shape[0] > 0:
             y_local = self.compute(x_local, tokens_per_expert)  # (M, H)
         else:
             # No copies reached this rank. torch._grouped_mm's backward rejects empty inputs, so skip it but keep
             # the weights in the graph: they get zero gradients like on the other ranks.
             y_local = x_local + 0.0 * sum(p.sum() for p in (self.gate_proj, self.up_proj, self.down_proj))
-        self.num_dropped += ctx.num_dropped
         return combine(y_local, ctx).to(x.dtype)
 
 
@@ -228,17 +199,17 @@ def mark_expert_params(module: nn.Module, group_name: str) -> None:
         p.group_name = group_name
 
 
-def apply_expert_parallel(model: nn.Module, topo, capacity_factor: float | None = None) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, topo) -> nn.Module:
     """Replace every ``GroupedExperts`` of ``model`` (main layers and MTP blocks) with its EP shard, in place.
 
     Call after ``initialize_parallel(topo)`` and with the full weights identical on all ranks. With ``topo.ep == 1``
-    (only useful with a ``capacity_factor``) every rank keeps all experts and nothing is communicated.
+    every rank keeps all experts and nothing is communicated (tests).
     """
     group = topo.ep_group if topo.ep > 1 else None
     targets = [(name, m) for name, m in model.named_modules() if type(m) is GroupedExperts]
     for name, full in targets:
         parent_name, _, child = name.rpartition(".")
-        sharded = ExpertParallelExperts(full, group, topo.ep_rank, topo.ep, capacity_factor)
+        sharded = ExpertParallelExperts(full, group, topo.ep_rank, topo.ep)
         if topo.ep > 1:
             mark_expert_params(sharded, topo.expert_group_name)
         setattr(model.get_submodule(parent_name), child, sharded)

@@ -138,8 +138,6 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (0, 1 or 2)."""
     pipeline_layout: list | None = None
     """Optional number of transformer layers per pipeline stage (sums to num_hidden_layers)."""
-    capacity_factor: float | None = None
-    """Expert capacity factor; null = dropless. Over-capacity tokens are dropped and counted."""
 
 
 @dataclass
@@ -280,7 +278,15 @@ class MoEConfig:
     seq_aux_alpha: float = 0.0001
     """alpha of the sequence-wise balance loss (V3); 0 = off."""
     aux_loss_alpha: float = 0.0
-    """Weight of the V2 expert-level balance loss (softmax routers); 0 = off."""
+    """alpha1 of the V2 expert-level balance loss, per sequence (V2: 0.003, V2-Lite: 0.001); 0 = off."""
+    device_aux_alpha: float = 0.0
+    """alpha2 of the V2 device-level balance loss; the devices are the model.n_group expert groups (V2: 0.05)."""
+    comm_aux_alpha: float = 0.0
+    """alpha3 of the V2 communication balance loss over the n_group devices, M = model.topk_group (V2: 0.02)."""
+    capacity_factor: float | None = None
+    """V2 device-level token dropping, in training only: each of the model.n_group expert groups (devices) takes at
+    most capacity_factor x its average share of a micro-batch's token copies; the lowest-affinity copies beyond are
+    dropped (moe/dropped_tokens), ~10% of sequences never (V2: 1.0). null = dropless."""
 
 
 @dataclass
@@ -380,6 +386,9 @@ def config_from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - set(SECTIONS) - {"deepspeed"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(list(SECTIONS) + ['deepspeed'])}")
+    if isinstance(raw.get("parallel"), dict) and "capacity_factor" in raw["parallel"]:
+        raise ConfigError("parallel.capacity_factor was replaced by moe.capacity_factor (DeepSeek-V2's device-level "
+                          "token dropping, in training only); move the value there")
     sections = {name: _build_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
     ds = raw.get("deepspeed") or {}
     if not isinstance(ds, dict):
@@ -623,6 +632,10 @@ def validate(cfg: Config) -> None:
            f"data.weights has {len(cfg.data.weights or [])} entries for {len(cfg.data.paths)} data.paths; "
            f"give one weight per path")
     _check_step_value("moe.bias_update_speed", cfg.moe.bias_update_speed)
+    for k in ("seq_aux_alpha", "aux_loss_alpha", "device_aux_alpha", "comm_aux_alpha"):
+        _check(getattr(cfg.moe, k) >= 0, f"moe.{k}={getattr(cfg.moe, k)}: must be >= 0 (0 = off)")
+    _check(cfg.moe.capacity_factor is None or cfg.moe.capacity_factor > 0,
+           f"moe.capacity_factor={cfg.moe.capacity_factor}: must be positive, or null for no token dropping")
     _check_step_value("mtp.loss_weight", cfg.mtp.loss_weight)
     if p.pipeline_layout is not None:
         _check(len(p.pipeline_layout) == p.pp and sum(p.pipeline_layout) == cfg.model.num_hidden_layers,

@@ -19,7 +19,8 @@ from torch import nn
 from pretrain.config import Config
 from pretrain.model import ModelOutput, update_expert_bias
 
-BALANCE_TERMS = {"seq_aux": "seq_aux_alpha", "expert_aux": "aux_loss_alpha"}
+BALANCE_TERMS = {"seq_aux": "seq_aux_alpha", "expert_aux": "aux_loss_alpha", "device_aux": "device_aux_alpha",
+                 "comm_aux": "comm_aux_alpha"}
 """MoE balance term (a key of ``ModelOutput.moe_terms``) -> the ``MoEConfig`` field holding its weight alpha."""
 
 COUNT_TERMS = ("dropped",)

@@ -5,9 +5,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import run_distributed
-from parallel import Topology, initialize_parallel, parallelize_model
-from parallel.expert import (ExpertParallelExperts, _keep_within_capacity, all_to_all, apply_expert_parallel,
-                             combine, dispatch)
+from parallel import Topology, initialize_parallel
+from parallel.expert import ExpertParallelExperts, all_to_all, apply_expert_parallel, combine, dispatch
 from pretrain.config import load_config
 from pretrain.model import build_model
 from pretrain.model.moe import GroupedExperts
@@ -15,32 +14,20 @@ from pretrain.model.moe import GroupedExperts
 H = 16
 
 
-def test_capacity_keeps_the_highest_weight_copies_per_expert():
-    flat_idx = torch.tensor([0, 0, 0, 1, 0, 2])
-    weight = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
-    # capacity = ceil(1.0 * 6 / 3) = 2: expert 0 keeps its two largest weights (0.9, 0.7)
-    keep = _keep_within_capacity(flat_idx, weight, num_experts=3, capacity_factor=1.0)
-    assert keep.tolist() == [False, True, False, True, True, True]
-    assert _keep_within_capacity(flat_idx, weight, 3, capacity_factor=2.0).all()
-
-
-def test_capacity_without_expert_parallelism_single_process():
-    cfg = load_config("tiny", ["parallel.capacity_factor=0.5"])
+def test_dropped_copies_are_neither_sent_nor_computed_single_process():
+    cfg = load_config("tiny")
     torch.manual_seed(0)
     ref = build_model(cfg.model)
-    model = parallelize_model(copy.deepcopy(ref), Topology.from_config(cfg, 1), cfg)
+    model = apply_expert_parallel(copy.deepcopy(ref), Topology.from_config(cfg, 1))
     experts = model.layers[1].mlp.experts
     assert isinstance(experts, ExpertParallelExperts) and experts.num_experts == 8
     x, w = torch.randn(12, 64), torch.rand(12, 2)
     idx = torch.stack([torch.arange(12) % 2, torch.full((12,), 5)], dim=1)  # experts 0, 1 and 5
-    # capacity = ceil(0.5 * 24 / 8) = 2 copies per expert: 6 of 24 kept
-    keep = _keep_within_capacity(idx.flatten(), w.flatten(), 8, 0.5).view(12, 2)
-    assert int(keep.sum()) == 6
+    keep = torch.rand(12, 2) < 0.5
     want = ref.layers[1].mlp.experts(x, idx, w * keep)  # dropped copies weigh nothing
-    torch.testing.assert_close(experts(x, idx, w), want)
-    assert int(experts.num_dropped) == 18
-    experts.capacity_factor = None  # dropless: the plain layer
-    torch.testing.assert_close(experts(x, idx, w), ref.layers[1].mlp.experts(x, idx, w))
+    torch.testing.assert_close(experts(x, idx, w, keep), want)
+    torch.testing.assert_close(ref.layers[1].mlp.experts(x, idx, w, keep), want)
+    torch.testing.assert_close(experts(x, idx, w), ref.layers[1].mlp.experts(x, idx, w))  # dropless
 
 
 def _splits(src, dst):
@@ -85,17 +72,15 @@ def _round_trip_and_layer(rank, world):
     # received rows are sorted by local expert: the first per_expert[0] rows are copies for expert 4*rank
     # round trip with identity experts and weights 1/2 + 1/2 is the identity
     assert torch.allclose(combine(x_local, ctx), x)
-    assert ctx.num_dropped == 0
     # expert e multiplies by (e + 1): checks that received rows are sorted by local expert
     scale = (torch.arange(4) + 4 * rank + 1.0).repeat_interleave(per_expert).unsqueeze(1)
     expected = x * (topk_idx + 1.0).mean(dim=1, keepdim=True)
     torch.testing.assert_close(combine(x_local * scale, ctx), expected)
-    # capacity factor: over-capacity copies are dropped (counted) and contribute nothing
-    x_local, per_expert, ctx = dispatch(x, topk_idx, torch.full((n, k), 0.5), num_experts, topo.ep_group,
-                                        capacity_factor=0.5)
-    keep = _keep_within_capacity(topk_idx.flatten(), torch.full((n * k,), 0.5), num_experts, 0.5)
-    assert ctx.num_dropped == int((~keep).sum()) > 0
-    torch.testing.assert_close(combine(x_local, ctx), 0.5 * x * keep.view(n, k).sum(dim=1, keepdim=True))
+    # token dropping: copies the MoE layer dropped are never sent and contribute nothing
+    keep = torch.rand(n, k, generator=gen) < 0.5
+    x_local, per_expert, ctx = dispatch(x, topk_idx, torch.full((n, k), 0.5), num_experts, topo.ep_group, keep)
+    assert sum(ctx.input_splits) == int(keep.sum())
+    torch.testing.assert_close(combine(x_local, ctx), 0.5 * x * keep.sum(dim=1, keepdim=True))
     _check_layer_equals_single_process(rank, world, topo)
     _check_model_equals_single_process(rank, world, topo)
 

@@ -1,11 +1,13 @@
 """DeepSeekMoE: router (softmax / sigmoid, group-limited top-k, aux-loss-free bias), grouped experts, balance terms.
 
 An MoE layer is four steps: route (``gate``), dispatch (sort token copies by expert), compute (``experts``),
-combine (weighted scatter-add back to tokens). ``mlp.experts(x, topk_idx, topk_weight)`` is the whole
+combine (weighted scatter-add back to tokens). ``mlp.experts(x, topk_idx, topk_weight, keep)`` is the whole
 dispatch-compute-combine; ``parallel.expert`` replaces it with an all-to-all version that calls
 ``GroupedExperts.compute`` on the tokens for its local experts.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +74,16 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x (N, H), topk_idx (N, K), topk_weight (N, K) -> (N, H): sum_k weight_k * expert_{idx_k}(x)."""
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, H), topk_idx (N, K), topk_weight (N, K), keep (N, K) bool or None (token dropping: False copies are
+        neither computed nor added) -> (N, H): sum_k weight_k * expert_{idx_k}(x)."""
         flat_idx = topk_idx.flatten()  # (N*K,)
-        order = flat_idx.argsort(stable=True)  # token copies sorted by expert
+        copies = kept_copies(keep, flat_idx)
+        order = copies[flat_idx[copies].argsort(stable=True)]  # kept token copies sorted by expert
         token_of = order // topk_idx.shape[1]
-        counts = expert_counts(flat_idx, self.num_experts)  # (E,)
-        y = self.compute(gather_rows(x, token_of), counts)  # (N*K, H)
+        counts = expert_counts(flat_idx[order], self.num_experts)  # (E,)
+        y = self.compute(gather_rows(x, token_of), counts)  # (M, H)
         y = y * topk_weight.flatten()[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
@@ -134,6 +139,13 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x, index)
 
 
+def kept_copies(keep: torch.Tensor | None, flat_idx: torch.Tensor) -> torch.Tensor:
+    """Indices (M,) of the token copies to compute: all N*K without token dropping, else where ``keep (N, K)``."""
+    if keep is None:
+        return torch.arange(flat_idx.numel(), device=flat_idx.device)
+    return keep.flatten().nonzero().squeeze(1)
+
+
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Token copies per expert: flat_idx (M,) long -> (E,) long. A scatter-add, not ``torch.bincount``, which on
     CUDA reads the input's maximum back to the host (a device sync per MoE layer)."""
@@ -184,25 +196,73 @@ def _grouped_mm_backward(ctx, grad: torch.Tensor):
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
-def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """V3 sequence-wise and V2 expert-level balance losses (unweighted), from one layer's routing.
+def balance_losses(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, num_groups: int = 1,
+                   topk_group: int = 1) -> dict[str, torch.Tensor]:
+    """One layer's balance terms (unweighted), each computed per sequence (T = one sequence's tokens) and averaged
+    over the micro-batch's sequences.
 
-    scores (N, E) unbiased router scores with N = batch * T, topk_idx (N, K). With s' the scores normalised to
-    sum 1 per token, f_i = E / (K * T) * (tokens choosing i), P_i = mean_t s'_i; loss = sum_i f_i * P_i,
-    per sequence and averaged over sequences (V3), or over the whole micro-batch (V2).
+    scores (N, E) unbiased router scores with N = batch * T, topk_idx (N, K). s' = scores normalised to sum 1 per
+    token (identity for softmax), f_i = E / (K T) * (tokens choosing expert i), P_i = mean_t s'_i.
+
+    - ``seq_aux`` (V3 sequence-wise) and ``expert_aux`` (V2 expert-level): sum_i f_i P_i (the same formula: V2
+      states it with softmax scores, V3 normalises its sigmoid scores);
+    - ``device_aux`` (V2 device-level): the experts in D = ``num_groups`` contiguous groups, one per device
+      (``model.n_group``): sum_d f'_d P'_d with f'_d the mean f_i of group d's experts and P'_d the sum of their P_i;
+    - ``comm_aux`` (V2 communication): sum_d f''_d P'_d with f''_d = D / (M T) * (tokens sending a copy to group d),
+      M = ``topk_group`` (the device limit).
     """
     N, E = scores.shape
-    K = topk_idx.shape[1]
-    probs = scores / scores.sum(dim=-1, keepdim=True)  # identity for softmax, normalises sigmoid scores
-    T = N // batch
+    K, D, T = topk_idx.shape[1], num_groups, N // batch
+    probs = scores / scores.sum(dim=-1, keepdim=True)
     with torch.no_grad():
-        idx_BTK = topk_idx.view(batch, T * K)
-        counts = scores.new_zeros(batch, E).scatter_add_(1, idx_BTK, torch.ones_like(idx_BTK, dtype=scores.dtype))
-    f_seq = counts * (E / (K * T))  # (B, E)
-    seq_aux = (f_seq * probs.view(batch, T, E).mean(dim=1)).sum(dim=-1).mean()
-    f_all = counts.sum(dim=0) * (E / (K * N))
-    expert_aux = (f_all * probs.mean(dim=0)).sum()
-    return seq_aux, expert_aux
+        idx_BTK = topk_idx.view(batch, T, K)
+        chosen = scores.new_zeros(batch, E).scatter_add_(1, idx_BTK.view(batch, T * K),
+                                                         scores.new_ones(batch, T * K))
+        sent = scores.new_zeros(batch, T, D).scatter_(2, idx_BTK // (E // D), 1.0).sum(dim=1)  # (B, D) tokens
+    f = chosen * (E / (K * T))  # (B, E)
+    P = probs.view(batch, T, E).mean(dim=1)  # (B, E)
+    expert = (f * P).sum(dim=-1).mean()
+    P_group = P.view(batch, D, E // D).sum(dim=-1)  # (B, D)
+    device = (f.view(batch, D, E // D).mean(dim=-1) * P_group).sum(dim=-1).mean()
+    comm = (sent * (D / (topk_group * T)) * P_group).sum(dim=-1).mean()
+    return {"seq_aux": expert, "expert_aux": expert, "device_aux": device, "comm_aux": comm}
+
+
+DROP_EXEMPT_EVERY = 10
+"""Token dropping spares about 1 in this many sequences (DeepSeek-V2: "approximately 10%")."""
+
+
+def drop_exempt_sequences(topk_idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) bool: the sequences whose token copies are never dropped, about 1 in ``DROP_EXEMPT_EVERY``.
+
+    Those whose chosen expert ids sum to a multiple of 10: a function of the micro-batch's routing alone, so every
+    parallel layout exempts the same sequences (the model's MoE layer sees no sample index; with micro batch 1 a
+    position rule would exempt all). The choice is made per layer."""
+    return topk_idx.view(batch, -1).sum(dim=1) % DROP_EXEMPT_EVERY == 0
+
+
+def device_capacity_keep(affinity: torch.Tensor, topk_idx: torch.Tensor, exempt: torch.Tensor, num_experts: int,
+                         num_groups: int, capacity_factor: float) -> torch.Tensor:
+    """DeepSeek-V2's device-level token dropping: keep (N, K) bool.
+
+    affinity (N, K) router scores (<= 1) of the chosen experts, topk_idx (N, K), exempt (N,) bool (tokens never
+    dropped). Each of the D = ``num_groups`` contiguous expert groups (devices) receives at most
+    floor(capacity_factor * N K / D) copies, its average share; beyond that its lowest-affinity copies are dropped.
+    Exempt copies are kept first (even past the capacity), then the others by decreasing affinity.
+    """
+    N, K = topk_idx.shape
+    capacity = math.floor(capacity_factor * N * K / num_groups)
+    group = (topk_idx // (num_experts // num_groups)).flatten()  # (N*K,)
+    exempt = exempt.unsqueeze(1).expand(N, K).flatten()
+    priority = affinity.detach().float().flatten() + 2.0 * exempt  # scores <= 1: exempt copies rank first
+    # Sort by (group, -priority); a copy's rank within its group is its position minus the group's start.
+    by_priority = priority.argsort(descending=True, stable=True)
+    order = by_priority[group[by_priority].argsort(stable=True)]
+    counts = expert_counts(group, num_groups)
+    rank = torch.arange(N * K, device=group.device) - (counts.cumsum(0) - counts)[group[order]]
+    keep = torch.zeros(N * K, dtype=torch.bool, device=group.device)
+    keep[order] = (rank < capacity) | exempt[order]
+    return keep.view(N, K)
 
 
 class MoE(nn.Module):
@@ -214,19 +274,39 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.capacity_factor = None
+        """Device-level token dropping in training (``moe.capacity_factor``, set by :func:`set_token_dropping`)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x (B, T, H) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert, "seq_aux": (),
-        "expert_aux": ()}`` (unweighted balance terms; ``pretrain.loss.BALANCE_TERMS`` names each term's weight)."""
+        """x (B, T, H) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert (before dropping),
+        "seq_aux", "expert_aux", "device_aux", "comm_aux": () unweighted balance terms (``balance_losses``;
+        ``pretrain.loss.BALANCE_TERMS`` names each term's weight), "dropped": () token copies dropped}``."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight, scores = self.gate(flat)
-        y = self.experts(flat, topk_idx, topk_weight).view(B, T, H)
+        keep = None
+        if self.training and self.capacity_factor is not None:  # never in evaluation
+            exempt = drop_exempt_sequences(topk_idx, B).repeat_interleave(T)  # (N,)
+            keep = device_capacity_keep(scores.detach().gather(1, topk_idx), topk_idx, exempt,
+                                        self.gate.num_experts, self.n_group, self.capacity_factor)
+        y = self.experts(flat, topk_idx, topk_weight, keep).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        seq_aux, expert_aux = balance_losses(scores, topk_idx, B)
-        load = expert_counts(topk_idx.flatten(), self.gate.num_experts).float()
-        return y, {"load": load, "seq_aux": seq_aux, "expert_aux": expert_aux}
+        stats = balance_losses(scores, topk_idx, B, self.n_group, self.topk_group)
+        stats["load"] = expert_counts(topk_idx.flatten(), self.gate.num_experts).float()
+        stats["dropped"] = (scores.new_zeros(()) if keep is None else (~keep).sum().float())
+        return y, stats
+
+
+def set_token_dropping(model: nn.Module, capacity_factor: float | None) -> None:
+    """Turn DeepSeek-V2's device-level token dropping on (``capacity_factor``) or off (None) in every MoE layer.
+
+    Decided in the layer on the micro-batch's routing, before any expert-parallel dispatch, so every layout drops
+    the same copies; only in training mode."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.capacity_factor = capacity_factor
 
 
 @torch.no_grad()
