@@ -9,7 +9,7 @@ from parallel import Topology, initialize_parallel
 from parallel.expert import ExpertParallelExperts, all_to_all, apply_expert_parallel, combine, dispatch
 from pretrain.config import load_config
 from pretrain.model import build_model
-from pretrain.model.moe import GroupedExperts
+from pretrain.model.moe import GroupedExperts, set_token_dropping
 
 H = 16
 
@@ -122,6 +122,7 @@ def _check_model_equals_single_process(rank, world, topo):
     cfg = load_config("tiny")
     torch.manual_seed(0)
     ref = build_model(cfg.model)
+    set_token_dropping(ref, 0.5)  # decided before dispatch: expert parallelism drops the same copies
     model = apply_expert_parallel(copy.deepcopy(ref), topo)
     assert sum(isinstance(m, ExpertParallelExperts) for m in model.modules()) == 2  # layer 1 and the MTP block
     ids = [torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(r))
@@ -131,6 +132,7 @@ def _check_model_equals_single_process(rank, world, topo):
     out = model(ids[rank], labels=ids[rank])
     torch.testing.assert_close(out.lm_loss, ref_outs[rank].lm_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.mtp_losses[0], ref_outs[rank].mtp_losses[0], rtol=1e-5, atol=0)
+    assert out.moe_terms["dropped"] == ref_outs[rank].moe_terms["dropped"] > 0
     (out.lm_loss + out.mtp_losses[0]).backward()
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
