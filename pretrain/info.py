@@ -409,6 +409,31 @@ def memory_per_rank(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: 
 
 # ------------------------------------------------------------------------------------------- report
 
+def kv_cache_per_token(m: ModelConfig, bytes_per_value: int = 2) -> dict:
+    """Decoding cache per token, summed over the layers (pretrain/model/kv_cache.py holds exactly this).
+
+    MLA caches the normalised latent and the shared RoPE key, (kv_lora_rank + qk_rope_head_dim) per layer; mha/gqa
+    keys and values of the kv heads, 2 x kv_heads x head_dim. "MHA of the same heads" is DeepSeek-V2's Table 1
+    baseline 2 n_h d_h per layer (MLA: keys of qk_nope_head_dim and values of v_head_dim per head). MLA models are
+    also compared with DeepSeek 67B's GQA cache (95 layers x 2 x 8 kv heads x 128), V2's baseline: -82.2% for V2.
+    """
+    layers = m.num_hidden_layers
+    if m.attention == "mla":
+        per_layer = m.kv_lora_rank + m.qk_rope_head_dim
+        mha_per_layer = m.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)
+    else:
+        per_layer = 2 * m.kv_heads * m.attn_head_dim
+        mha_per_layer = 2 * m.num_attention_heads * m.attn_head_dim
+    out = {"kv_cache_values_per_token": layers * per_layer,
+           "kv_cache_bytes_per_token": layers * per_layer * bytes_per_value,
+           "kv_cache_mha_values_per_token": layers * mha_per_layer,
+           "kv_cache_vs_mha": per_layer / mha_per_layer}
+    if m.attention == "mla":
+        gqa_67b = 95 * 2 * 8 * 128
+        out["kv_cache_vs_deepseek_67b_gqa"] = layers * per_layer / gqa_67b - 1
+    return out
+
+
 def model_info(cfg: Config, tp: int | None = None, pp: int | None = None, ep: int | None = None,
                dp: int | None = None, source: str = "meta") -> dict:
     """Everything ``python -m pretrain.info --json`` prints. Unset degrees come from ``cfg.parallel``;
@@ -431,6 +456,7 @@ def model_info(cfg: Config, tp: int | None = None, pp: int | None = None, ep: in
         "precision": cfg.train.precision,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         **memory_per_rank(cfg, inv, tp, pp, ep, dp),
+        **kv_cache_per_token(cfg.model, 4 if cfg.train.precision == "fp32" else 2),
     }
 
 
@@ -460,6 +486,12 @@ def format_table(info: dict) -> str:
     ]
     rows += [(f"  {k[:-6]}", f"{br[k] / gib:,.2f} GiB")
              for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")]
+    rows += [("KV cache per token (values, all layers)", f"{info['kv_cache_values_per_token']:,}"),
+             (f"  bytes ({info['precision']})", f"{info['kv_cache_bytes_per_token']:,}"),
+             ("  MHA of the same heads (values)", f"{info['kv_cache_mha_values_per_token']:,}"),
+             ("  vs MHA of the same heads", f"{info['kv_cache_vs_mha']:.2%}")]
+    if "kv_cache_vs_deepseek_67b_gqa" in info:
+        rows.append(("  vs DeepSeek 67B GQA (194,560 values)", f"{info['kv_cache_vs_deepseek_67b_gqa']:+.1%}"))
     width = max(len(r[0]) for r in rows)
     table = "\n".join(f"{a:<{width}}  {b:>16}" for a, b in rows)
     return f"{table}\n(parameters counted from the {info['param_source']} model)"

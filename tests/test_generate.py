@@ -92,6 +92,21 @@ def test_mla_cache_holds_latent_and_rope_key_only():
     assert KVCache.for_model(mha, 1, 8)[0].values_per_token() == 2 * 2 * mha_cfg.attn_head_dim
 
 
+def test_info_reports_the_cache_the_decoder_allocates():
+    from pretrain.config import load_config
+    from pretrain.info import kv_cache_per_token
+
+    for name in ("v3_groups_mtp", "llama_gqa"):
+        model, cfg = make_model(name)
+        assert kv_cache_per_token(cfg)["kv_cache_values_per_token"] == KVCache.for_model(model, 1, 4).values_per_token()
+    v2 = kv_cache_per_token(load_config("deepseek-v2").model)  # DeepSeek-V2 section 2.1.3: 60 x (512 + 64)
+    assert v2["kv_cache_values_per_token"] == 34_560 and v2["kv_cache_bytes_per_token"] == 69_120
+    assert v2["kv_cache_mha_values_per_token"] == 60 * 2 * 128 * 128
+    assert round(v2["kv_cache_vs_mha"], 4) == 0.0176 and round(v2["kv_cache_vs_deepseek_67b_gqa"], 3) == -0.822
+    gqa_67b = kv_cache_per_token(load_config("deepseek-llm-67b").model)
+    assert gqa_67b["kv_cache_values_per_token"] == 95 * 2 * 8 * 128
+
+
 def _oracle_drafts(monkeypatch, full: list[list[int]], right_rows: set):
     """Replace the MTP drafts (after running the real MTP modules, so their caches are written) by the true next
     tokens for ``right_rows`` and wrong ones elsewhere: exercises partial acceptance per row and rollback."""
