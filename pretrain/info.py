@@ -533,8 +533,10 @@ def format_schedule(cfg: Config, dp: int) -> str:
         notes.append(f"batch ramp {t.batch_ramp_start} -> {t.global_batch_size} over {_fmt_tokens(t.batch_ramp_tokens)}"
                      f" tokens in steps of {t.batch_ramp_increment} (micro batch {t.micro_batch_size} x dp {dp})")
     if m.is_moe:
-        notes.append(f"balancing: expert-level alpha1 {moe.aux_loss_alpha:g}, sequence-wise alpha "
-                     f"{moe.seq_aux_alpha:g}")
+        notes.append(f"balancing: sequence-wise alpha {moe.seq_aux_alpha:g}; expert-level alpha1 {moe.aux_loss_alpha:g},"
+                     f" device-level alpha2 {moe.device_aux_alpha:g}, communication alpha3 {moe.comm_aux_alpha:g} "
+                     f"over {m.n_group} devices, M = {m.topk_group}; token dropping: "
+                     + ("none" if moe.capacity_factor is None else f"capacity factor {moe.capacity_factor:g}"))
     if m.rope_scaling:
         notes.append(f"YaRN factor {m.rope_scaling['factor']:g} from "
                      f"{m.rope_scaling['original_max_position_embeddings']} positions")
