@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def readme_first_command() -> str:
@@ -33,6 +32,7 @@ def test_readme_second_command_is_ci_test_command():
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
     full = os.environ.get("QUICKSTART_FULL") == "1"
     env = dict(os.environ, WORK=str(tmp_path / "qs"))

@@ -77,6 +77,7 @@ def test_partial_directory_is_ignored_and_pruned(checkpoint_reference, tmp_path)
     assert sorted(p.name for p in run.glob("step_*")) == ["step_0000003", "step_0000004"]
 
 
+@pytest.mark.slow
 def test_fallback_resume_reproduces_the_run(checkpoint_reference, data_dir, tmp_path):
     """End to end: step 4's optimizer file corrupted -> resume from step 3, retrain step 4 to the same numbers.
     (Resume errors on the command line are one line and exit 1: see the SIGKILL test below.)"""

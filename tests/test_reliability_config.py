@@ -124,6 +124,7 @@ def test_shard_changed_since_the_checkpoint_is_refused_before_step_1(checkpoint_
     assert "differs from the one the checkpoint at step 2 was trained on" in proc.stderr
     assert [r["step"] for r in losses(run)] == [1, 2, 3, 4]  # nothing trained: metrics untouched
 
+@pytest.mark.slow
 
 def test_same_seed_twice_is_bit_identical_for_20_steps(data_dir, tmp_path):
     fast = ["train.steps=20", "train.batch_size_rampup=null", "train.global_batch_size=1", "train.micro_batch_size=1",

@@ -47,7 +47,7 @@ def tensorboard_scalar(run_dir, tag):
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
+@pytest.mark.parametrize("zero_stage", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_inf_loss_skips_the_step(data_dir, tmp_path, monkeypatch, zero_stage):
     """ZeRO 0 (wrapped optimizer step) and ZeRO 1 (DeepSpeed's overflow path): step 2 changes no weight."""
     out = tmp_path / "run"
@@ -77,6 +77,7 @@ def test_nan_in_one_experts_gradient_on_one_rank_then_abort(data_dir, tmp_path, 
     assert_same_weights(out / "step_0000001", out / "step_0000002")  # both EP ranks' experts unchanged
     assert [r["skipped"] for r in losses(out)] == [False, True]
 
+@pytest.mark.slow
 
 def test_loss_spike_is_skipped_right_after_a_resume(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"

@@ -43,6 +43,7 @@ def reference_run(shards, tmp_path_factory):
     run_loop(out, f"data.paths=[{shards / 'train'}]", f"data.eval_paths=[{shards / 'eval'}]", "train.eval_interval=2")
     return out
 
+@pytest.mark.slow
 
 def test_data_parallel_equals_gradient_accumulation(shards, reference_run, tmp_path):
     out = tmp_path / "dp2"
@@ -79,6 +80,7 @@ def check_export(run_dir, hf_dir):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
+@pytest.mark.slow
 
 def test_resume_reproduces_uninterrupted_run(shards, reference_run, tmp_path):
     out = tmp_path / "chunked"
@@ -148,6 +150,7 @@ def test_config_errors_are_one_line(shards, override, message, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
+@pytest.mark.slow
 
 def test_activation_checkpointing_keeps_numbers_and_resume_checks_architecture(shards, reference_run, tmp_path):
     out = tmp_path / "ckpt"
@@ -160,6 +163,7 @@ def test_activation_checkpointing_keeps_numbers_and_resume_checks_architecture(s
     assert "model.moe_intermediate_size=48 but checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "model"])
 def test_torch_compile_keeps_numbers(shards, reference_run, tmp_path, mode):
     out = tmp_path / mode
