@@ -17,6 +17,8 @@ norms and loss in fp32 inside the model), fp32 master weights in the AdamW step.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import tempfile
 import time
 
@@ -197,6 +199,18 @@ def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict:
             times[name]["cpu"].append(time.process_time() - cpu)
             times[name]["wall"].append(time.perf_counter() - wall)
     return times
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace the section ``## title`` of bench/results.md (up to the next '## ') or append it: for the benches
+    that run_all.py does not run (it rewrites the file, so run them after it)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.rstrip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")

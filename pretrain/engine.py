@@ -179,7 +179,8 @@ def deepspeed_config(cfg: Config, dp_size: int, global_batch_size: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             # torch.optim.AdamW: runs on CPU and GPU without building DeepSpeed's fused kernels. Its fused
-            # (single-kernel) implementation: 6.5x faster optimizer step, 1.31x training step on small-moe (CPU).
+            # (single-kernel) implementation is the faster step (bench/results.md, "Components vs the plain
+            # PyTorch op").
             "torch_adam": True, "fused": True}},
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "gradient_clipping": o.grad_clip,

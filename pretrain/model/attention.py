@@ -111,8 +111,8 @@ class BlockedCausalAttention(torch.autograd.Function):
     block's first document start (packed sequences: the cost falls with the documents' lengths); scores and softmax are fp32 (bf16 inputs: the GEMMs run in bf16). Forward keeps only the output and
     the per-row log-sum-exp; backward recomputes each block's probabilities from them (no (T, T) tensor is ever
     saved). Why not SDPA on CPU: its flash kernel's backward runs well below the GEMM rate on these shapes, and its
-    value head must be padded to the key width for MLA: fwd+bwd of the reference bench's attention (4 x 4 heads x
-    512, qk 96, v 64) 43 ms -> 32 ms fp32, 43 -> 36 ms bf16 (bench/results.md has the whole-step effect).
+    value head must be padded to the key width for MLA (measured in bench/results.md, "Attention with document
+    masks": the causal rows, blocked vs SDPA).
     """
 
     @staticmethod

@@ -8,11 +8,11 @@ forward pre-hook.
 ``LinearCrossEntropy`` runs over chunks of tokens: logits of one chunk (in fp32), its log-sum-exp and target
 logit, and, when a gradient is needed, the gradient of the summed loss with respect to the chunk's logits
 (softmax minus one-hot, zero on ignored rows), turned at once into the chunk's share of dL/dh and dL/dW by two
-GEMMs. Backward only scales those by the incoming gradient. Compared with ``lm_head`` + ``F.cross_entropy``
-(bench/results.md): no (N, V) logits, log-probabilities or logit gradients are kept between forward and backward
+GEMMs. Backward only scales those by the incoming gradient. Compared with ``lm_head`` + ``F.cross_entropy``:
+no (N, V) logits, log-probabilities or logit gradients are kept between forward and backward
 (for DeepSeek-V3's 129,280-token vocabulary that is 2 GiB per 4,096-token micro-batch in fp32, here replaced by
-a weight-sized fp32 gradient), and the softmax passes run on a cache-sized chunk: the reference bench's head
-forward+backward went from 261 to 165 ms (fp32, 2 threads). Same technique as Liger-Kernel's fused linear
+a weight-sized fp32 gradient), and the softmax passes run on a cache-sized chunk, which is faster too (measured
+in bench/results.md, "Components vs the plain PyTorch op"). Same technique as Liger-Kernel's fused linear
 cross-entropy, in plain PyTorch ops so it runs on CPU and GPU alike.
 """
 from __future__ import annotations

@@ -90,8 +90,8 @@ class GroupedExperts(nn.Module):
     def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run the experts on tokens sorted by expert. x_sorted (M, H), counts (E,) summing to M -> (M, H).
 
-        One ``torch._grouped_mm`` per projection (a single kernel over ragged groups, no host sync; 138 vs
-        158 ms fwd+bwd against the loop at reference size on CPU, bench/bench_model.py) on CPU in fp32/bf16
+        One ``torch._grouped_mm`` per projection (a single kernel over ragged groups, no host sync; faster than
+        the loop: measured in bench/results.md, "Components vs the plain PyTorch op") on CPU in fp32/bf16
         and on CUDA in bf16 from sm90 (the kernel's limits). Otherwise a loop over the contiguous per-expert
         slices (never a mask over all tokens per expert), which reads the counts on the host.
         """
@@ -119,8 +119,8 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 class _GatherRows(torch.autograd.Function):
     """``x.index_select(0, index)`` whose backward is one ``index_add_``.
 
-    Autograd's own backward for ``x[index]`` is ``index_put_`` with accumulation: 4.2 ms against 0.3 ms for
-    ``index_add_`` at the reference bench's dispatch (8,192 copies of 2,048 x 256 tokens, 2 CPU threads)."""
+    Autograd's own backward for ``x[index]`` is ``index_put_`` with accumulation, slower than ``index_add_``
+    (measured in bench/results.md, "Components vs the plain PyTorch op")."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
