@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="DeepSpeed pretraining framework for DeepSeek-family models (dense, MLA + DeepSeekMoE, V3-style MTP)",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain", "pretrain.*", "parallel", "parallel.*", "data_pipeline", "data_pipeline.*"]),
+    # tests/ (fixtures, helpers, the gloo test harness) and bench/ are development tools, not part of the package.
+    packages=find_packages(include=["pretrain", "pretrain.*", "parallel", "parallel.*", "data_pipeline",
+                                    "data_pipeline.*"], exclude=["tests", "tests.*", "bench", "bench.*"]),
     package_data={"pretrain": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.4",
