@@ -49,3 +49,18 @@ run() {
     echo "+ $*" >&2
     exec "$@"
 }
+
+# preflight WORLD_SIZE CONFIG [section.key=value ...]: pretrain.preflight checks the config, the layout and the data
+# once, in this one process, before any rank starts: a bad run is one line ("error: ...", exit 2) instead of a
+# launcher traceback per rank. PREFLIGHT=0 skips it (pretrain.sbatch runs it before srun and skips it per node).
+preflight() {
+    if [ "${PREFLIGHT:-1}" = 0 ]; then return 0; fi
+    local world=$1 config=$2
+    shift 2
+    "${PYTHON:-python3}" -m pretrain.preflight --world-size "$world" --config "$config" "$@" || exit 2
+}
+
+# Processes a DeepSpeed hostfile starts: the sum of its slots= counts.
+hostfile_slots() {
+    awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, kv, "="); n += kv[2] } } END { print n + 0 }' "$1"
+}

@@ -18,6 +18,11 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 CONFIG=${CONFIG:-tiny}
 MASTER_PORT=${MASTER_PORT:-29500}
 
+case "$LAUNCHER" in deepspeed | torchrun) ;; *)
+    echo "LAUNCHER=$LAUNCHER: use deepspeed or torchrun" >&2; exit 2 ;;
+esac
+preflight "$NPROC_PER_NODE" "$CONFIG" "$@"
+
 case "$LAUNCHER" in
     deepspeed)
         # --num_gpus also sets the process count on a CPU (DeepSpeed's CPU accelerator). With --num_gpus DeepSpeed

@@ -26,6 +26,7 @@ TRAIN=(--module pretrain.train --config "$CONFIG" "$@")
 if [ -z "${NODE_RANK:-}" ]; then
     # Way 1: one command for the whole cluster, over ssh.
     : "${HOSTFILE:?set HOSTFILE (way 1), or NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (way 2)}"
+    preflight "$(hostfile_slots "$HOSTFILE")" "$CONFIG" "$@"
     write_deepspeed_env
     run deepspeed --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
         --master_port "$MASTER_PORT" --no_local_rank "${TRAIN[@]}"
@@ -33,6 +34,7 @@ fi
 
 # Way 2: this node's share.
 : "${NNODES:?set NNODES (the number of nodes)}" "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0)}"
+preflight "$((NNODES * NPROC_PER_NODE))" "$CONFIG" "$@"
 case "${LAUNCHER:-torchrun}" in
     torchrun)
         run torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \

@@ -47,6 +47,7 @@ from torch import nn
 
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
+from parallel.topology import check_pipeline_layout
 from pretrain.config import Config, ConfigError
 from pretrain.loss import LOSS_NAMES, LossWeights, balance_vector, dropped_tokens, total_loss
 from pretrain.model.moe import Router
@@ -54,19 +55,6 @@ from pretrain.model.transformer import DeepSeekModel
 
 EMBED_KEY = "embed"
 TIED_WEIGHT = "embed_tokens.weight"
-
-
-def check_pipeline_layout(cfg: Config) -> None:
-    """One-line ConfigError when ``parallel.pipeline_layout`` does not describe ``parallel.pp`` stages."""
-    layout, pp, layers = cfg.parallel.pipeline_layout, cfg.parallel.pp, cfg.model.num_hidden_layers
-    if layout is None:
-        return
-    valid = (isinstance(layout, (list, tuple)) and len(layout) == pp and all(isinstance(n, int) for n in layout)
-             and sum(layout) == layers and min(layout) >= 0 and all(n >= 1 for n in layout[1:-1]))
-    if not valid:
-        raise ConfigError(f"parallel.pipeline_layout={list(layout)}: give pp={pp} layer counts summing to "
-                          f"model.num_hidden_layers={layers} (>= 1 for inner stages, >= 0 for the first and last), "
-                          f"or null to balance stages by parameters")
 
 
 def stage_bounds(model: nn.Module, cfg: Config) -> list[int]:
@@ -280,46 +268,6 @@ def to_pipeline_module(model: nn.Module, topo, cfg: Config) -> DeepSeekPipeline:
 
 
 # ------------------------------------------------------------------------------------------- training loop
-
-def build_pipeline_engine(model: nn.Module, cfg: Config, topo, global_batch_size: int):
-    """``deepspeed.initialize`` on the pipeline stages of ``model`` (the loop's config, groups and precision)."""
-    import deepspeed
-
-    from pretrain.engine import deep_merge, deepspeed_config, keep_router_bias_fp32, param_groups
-
-    module = to_pipeline_module(model, topo, cfg)
-    # No activation partitioning over TP: the activation tuple holds several tensors that need gradients.
-    ds_config = deep_merge({"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}},
-                           deepspeed_config(cfg, topo.dp_size, global_batch_size))
-    # Named groups: DeepSpeed's MoE support splits expert parameters out of each group by its name.
-    groups = [{"name": f"group{i}", **g} for i, g in enumerate(param_groups(module, cfg.optim.weight_decay))]
-    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, model_parameters=groups)
-    keep_router_bias_fp32(engine.module)
-    if engine.has_moe_layers:
-        _checkpoint_through_layer_files(engine)
-    return engine
-
-
-def _checkpoint_through_layer_files(engine) -> None:
-    """Save and load a pipeline with experts through ``DeepSeekPipeline``'s layer files.
-
-    With MoE layers DeepSpeed's PipelineEngine takes its MoE checkpoint path, which skips the pipeline's layer
-    files and stores the module from data-parallel rank 0 only: every EP rank would resume with EP rank 0's
-    experts (silently). ``has_moe_layers`` matters after initialisation only for checkpoints (the ZeRO optimizer
-    keeps its own MoE groups), so it is switched off around them and the plain pipeline path runs.
-    """
-    def without_moe_path(method):
-        def run(*args, **kwargs):
-            engine.has_moe_layers = False
-            try:
-                return method(*args, **kwargs)
-            finally:
-                engine.has_moe_layers = True
-        return run
-
-    engine.save_checkpoint = without_moe_path(engine.save_checkpoint)
-    engine.load_checkpoint = without_moe_path(engine.load_checkpoint)
-
 
 def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, document_ids_fn, device):
     """One optimizer step with DeepSpeed's 1F1B schedule over this data-parallel rank's micro-batches.

@@ -26,10 +26,8 @@ from pretrain.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class Topology:
-    """A validated parallel layout and this process's coordinates in it.
-
-    The optional model/batch fields are checked when given (``from_config`` fills them all).
-    """
+    """A validated parallel layout (degrees) and this process's coordinates in it. Whether a model and a batch fit
+    the layout is ``check_layout``'s question (``pretrain.preflight`` asks both)."""
 
     world_size: int
     """Number of processes."""
@@ -41,22 +39,6 @@ class Topology:
     """Expert-parallel degree (divides the data-parallel degree)."""
     rank: int = 0
     """This process's global rank."""
-    num_attention_heads: int | None = None
-    """Query heads (must divide by tp)."""
-    num_key_value_heads: int | None = None
-    """Key/value heads of mha/gqa (must divide by tp); None for mla."""
-    n_routed_experts: int | None = None
-    """Routed experts per MoE layer (must divide by ep); 0 or None = dense."""
-    num_hidden_layers: int | None = None
-    """Transformer blocks (at least pp)."""
-    vocab_size: int | None = None
-    """Embedding/head rows (split by tp)."""
-    ffn_sizes: tuple = ()
-    """Widths split by tp: (name, size) of the dense FFN and the shared experts."""
-    global_batch_size: int | None = None
-    """Sequences per optimizer step (a multiple of micro_batch_size * dp)."""
-    micro_batch_size: int | None = None
-    """Sequences per forward on one data-parallel rank."""
 
     def __post_init__(self) -> None:
         self._validate()
@@ -66,61 +48,30 @@ class Topology:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int, rank: int | None = None) -> "Topology":
         """The layout of ``cfg.parallel`` on ``world_size`` processes; ``rank`` defaults to $RANK (or 0)."""
-        m, t = cfg.model, cfg.train
         if rank is None:
             rank = int(os.environ.get("RANK", 0))
-        return cls(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, rank=rank,
-                   num_attention_heads=m.num_attention_heads,
-                   num_key_value_heads=None if m.attention == "mla" else m.kv_heads,
-                   n_routed_experts=m.n_routed_experts, num_hidden_layers=m.num_hidden_layers,
-                   vocab_size=m.vocab_size, ffn_sizes=_ffn_sizes(m),
-                   global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size)
+        return cls(world_size=world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, rank=rank)
 
-    def _layout(self) -> str:
+    def describe(self) -> str:
         dp = f"{self.world_size // (self.tp * self.pp)}" if self.world_size % (self.tp * self.pp) == 0 else "?"
         return f"tp={self.tp} pp={self.pp} ep={self.ep} dp={dp} world={self.world_size}"
 
-    def _fail(self, problem: str, fix: str) -> None:
-        raise ConfigError(f"parallel layout {self._layout()}: {problem}; {fix}")
+    def fail(self, problem: str, fix: str) -> None:
+        """One line naming every degree and the world size, the problem and the fix."""
+        raise ConfigError(f"parallel layout {self.describe()}: {problem}; {fix}")
 
     def _validate(self) -> None:
         tp, pp, ep, world = self.tp, self.pp, self.ep, self.world_size
         if min(world, tp, pp, ep) < 1:
-            self._fail("every degree and the world size must be >= 1", "set parallel.tp/pp/ep to positive integers")
+            self.fail("every degree and the world size must be >= 1", "set parallel.tp/pp/ep to positive integers")
         if world % (tp * pp) != 0:
-            self._fail(f"tp={tp} x pp={pp} x dp=? != world {world} (tp x pp = {tp * pp} does not divide it)",
-                       "launch a multiple of tp*pp processes or change parallel.tp/parallel.pp")
+            self.fail(f"tp={tp} x pp={pp} x dp=? != world {world} (tp x pp = {tp * pp} does not divide it)",
+                      "launch a multiple of tp*pp processes or change parallel.tp/parallel.pp")
         dp = world // (tp * pp)
         if dp % ep != 0:
-            self._fail(f"ep={ep} does not divide dp={dp}", "set parallel.ep to a divisor of world/(tp*pp)")
+            self.fail(f"ep={ep} does not divide dp={dp}", "set parallel.ep to a divisor of world/(tp*pp)")
         if not 0 <= self.rank < world:
-            self._fail(f"rank {self.rank} is outside [0, {world})", "check the launcher's RANK")
-        if self.num_attention_heads is not None and self.num_attention_heads % tp != 0:
-            self._fail(f"model.num_attention_heads={self.num_attention_heads} is not divisible by tp={tp}",
-                       "choose parallel.tp dividing the number of heads")
-        if self.num_key_value_heads is not None and self.num_key_value_heads % tp != 0:
-            self._fail(f"model.num_key_value_heads={self.num_key_value_heads} is not divisible by tp={tp}",
-                       "choose parallel.tp dividing the number of key/value heads")
-        if self.vocab_size is not None and self.vocab_size % tp != 0:
-            self._fail(f"model.vocab_size={self.vocab_size} is not divisible by tp={tp}",
-                       "pad model.vocab_size to a multiple of tp")
-        for name, size in self.ffn_sizes:
-            if size % tp != 0:
-                self._fail(f"{name}={size} is not divisible by tp={tp}", "choose parallel.tp dividing it")
-        if ep > 1 and not self.n_routed_experts:
-            self._fail(f"ep={ep} on a dense model (model.n_routed_experts=0)", "set parallel.ep=1")
-        if self.n_routed_experts and self.n_routed_experts % ep != 0:
-            self._fail(f"model.n_routed_experts={self.n_routed_experts} is not divisible by ep={ep}",
-                       "choose parallel.ep dividing the number of experts")
-        if self.num_hidden_layers is not None and self.num_hidden_layers < pp:
-            self._fail(f"model.num_hidden_layers={self.num_hidden_layers} < pp={pp}",
-                       "use at most one pipeline stage per layer")
-        if self.global_batch_size is not None and self.micro_batch_size is not None:
-            per_step = self.micro_batch_size * dp
-            if self.global_batch_size % per_step != 0:
-                self._fail(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                           f"train.micro_batch_size={self.micro_batch_size} x dp={dp} = {per_step}",
-                           "change the batch sizes or the layout")
+            self.fail(f"rank {self.rank} is outside [0, {world})", "check the launcher's RANK")
 
     # ------------------------------------------------------------------------ degrees and coordinates
 
@@ -162,13 +113,6 @@ class Topology:
     def is_trivial(self) -> bool:
         """True when nothing is sharded: tp = pp = ep = 1 (pure data parallelism or one process)."""
         return self.tp == 1 and self.pp == 1 and self.ep == 1
-
-    @property
-    def gradient_accumulation_steps(self) -> int | None:
-        """Micro-batches per optimizer step on one data-parallel rank (None without batch sizes)."""
-        if self.global_batch_size is None or self.micro_batch_size is None:
-            return None
-        return self.global_batch_size // (self.micro_batch_size * self.dp)
 
     def with_rank(self, rank: int) -> "Topology":
         """The same layout seen from another rank."""
@@ -251,6 +195,48 @@ def _ffn_sizes(m) -> tuple:
     return tuple(sizes)
 
 
+def check_layout(m, topo: Topology, micro_batch_size: int | None = None, global_batch_size: int | None = None
+                 ) -> None:
+    """Whether the model ``m`` (a ModelConfig) and the batch fit the layout: one ConfigError line naming every
+    degree, the key and the fix. Shared by the trainer (``pretrain.preflight``) and ``pretrain.info``."""
+    tp, pp, ep, dp = topo.tp, topo.pp, topo.ep, topo.dp
+    if m.num_attention_heads % tp:
+        topo.fail(f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={tp}",
+                  "choose parallel.tp dividing the number of heads")
+    if m.attention != "mla" and m.kv_heads % tp:  # MLA's key/value heads are its query heads
+        topo.fail(f"model.num_key_value_heads={m.kv_heads} is not divisible by tp={tp}",
+                  "choose parallel.tp dividing the number of key/value heads")
+    if m.vocab_size is not None and m.vocab_size % tp:
+        topo.fail(f"model.vocab_size={m.vocab_size} is not divisible by tp={tp}", "pad model.vocab_size to a "
+                  "multiple of tp (or leave it null: it is then taken from the tokenizer, padded)")
+    for name, size in _ffn_sizes(m):
+        if size % tp:
+            topo.fail(f"{name}={size} is not divisible by tp={tp}", "choose parallel.tp dividing it")
+    if ep > 1 and not m.is_moe:
+        topo.fail(f"ep={ep} on a dense model (model.n_routed_experts=0)", "set parallel.ep=1")
+    if m.is_moe and m.n_routed_experts % ep:
+        topo.fail(f"model.n_routed_experts={m.n_routed_experts} is not divisible by ep={ep}",
+                  "choose parallel.ep dividing the number of experts")
+    if m.num_hidden_layers < pp:
+        topo.fail(f"model.num_hidden_layers={m.num_hidden_layers} < pp={pp}", "use at most one pipeline stage per layer")
+    if global_batch_size is not None and micro_batch_size is not None and global_batch_size % (micro_batch_size * dp):
+        topo.fail(f"train.global_batch_size={global_batch_size} is not a multiple of train.micro_batch_size="
+                  f"{micro_batch_size} x dp={dp} = {micro_batch_size * dp}", "change the batch sizes or the layout")
+
+
+def check_pipeline_layout(cfg: Config) -> None:
+    """One-line ConfigError when ``parallel.pipeline_layout`` does not describe ``parallel.pp`` stages."""
+    layout, pp, layers = cfg.parallel.pipeline_layout, cfg.parallel.pp, cfg.model.num_hidden_layers
+    if layout is None:
+        return
+    valid = (isinstance(layout, (list, tuple)) and len(layout) == pp and all(isinstance(n, int) for n in layout)
+             and sum(layout) == layers and min(layout) >= 0 and all(n >= 1 for n in layout[1:-1]))
+    if not valid:
+        raise ConfigError(f"parallel.pipeline_layout={list(layout)}: give pp={pp} layer counts summing to "
+                          f"model.num_hidden_layers={layers} (>= 1 for inner stages, >= 0 for the first and last), "
+                          f"or null to balance stages by parameters")
+
+
 class DeepSpeedMPU:
     """The Megatron-style ``mpu`` object DeepSpeed queries (``deepspeed/utils/bwc.py``, ``runtime/engine.py``).
 
@@ -317,7 +303,7 @@ def initialize_parallel(topo: Topology) -> None:
         raise RuntimeError("initialize_parallel: torch.distributed is not initialised; call "
                            "deepspeed.init_distributed() (or torch.distributed.init_process_group) first")
     if dist.get_world_size() != topo.world_size or dist.get_rank() != topo.rank:
-        raise ConfigError(f"parallel layout {topo._layout()}: built for rank {topo.rank} of {topo.world_size} but "
+        raise ConfigError(f"parallel layout {topo.describe()}: built for rank {topo.rank} of {topo.world_size} but "
                           f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; "
                           f"pass the real world size and rank")
     if not ps.model_parallel_is_initialized():
@@ -340,7 +326,7 @@ def _check_group_ranks(topo: Topology) -> None:
                                   ("ep", topo.ep_group, topo.ep_group_ranks()),
                                   ("edp", topo.edp_group, topo.edp_group_ranks())]:
         got = dist.get_process_group_ranks(group)
-        assert got == expected, f"megatron-core {name} group {got} != expected {expected} ({topo._layout()})"
+        assert got == expected, f"megatron-core {name} group {got} != expected {expected} ({topo.describe()})"
 
 
 def _register_expert_groups_with_deepspeed(topo: Topology) -> None:

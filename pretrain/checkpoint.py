@@ -364,12 +364,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict:
-    """Full fp32 weights (and buffers) of a checkpoint, merging ZeRO shards with DeepSpeed's zero_to_fp32."""
+    """Full fp32 weights (and buffers) of a checkpoint without tensor/expert/pipeline shards.
+
+    The module states DeepSpeed writes (``mp_rank_00_model_states.pt``) hold the module's weights: in an fp32 run
+    these are the master weights themselves (ZeRO 1/2 copy the updated fp32 partitions back into the module), read
+    with plain ``torch.load``. In a bf16 run with ZeRO >= 1 the fp32 masters live in the ZeRO partitions, merged
+    with DeepSpeed's ``zero_to_fp32``.
+    """
     step_dir = run_dir / tag
-    if any(step_dir.glob("*optim_states.pt")):
+    cfg = load_config(step_dir / "config.yaml")
+    if cfg.train.precision == "bf16" and any(step_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
-    # ZeRO stage 0: DeepSpeed keeps the whole module in the model-states file.
     states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 

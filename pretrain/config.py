@@ -45,8 +45,9 @@ def step_value_at(spec: StepValue, tokens_seen: float) -> float:
 class ModelConfig:
     """Architecture. Names follow transformers' DeepseekV3Config / LlamaConfig."""
 
-    vocab_size: int = 32000
-    """Vocabulary size (rows of the embedding and output head)."""
+    vocab_size: int | None = None
+    """Vocabulary size (rows of the embedding and output head); null = the vocabulary of the tokenizer the training
+    shards were built with, padded to a multiple of 128 x tp (resolved by pretrain.preflight)."""
     hidden_size: int = 256
     """Model width h."""
     num_hidden_layers: int = 2
@@ -474,7 +475,8 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     _check(m.attention in ("mha", "gqa", "mla"), f"model.attention={m.attention!r}: use mha, gqa or mla")
-    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+    _check(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size}: must be positive or null")
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         _check(getattr(m, k) > 0, f"model.{k}={getattr(m, k)}: must be positive")
     _check(m.num_attention_heads % m.kv_heads == 0,
            f"model.num_key_value_heads={m.kv_heads} must divide model.num_attention_heads={m.num_attention_heads}")

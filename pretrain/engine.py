@@ -216,17 +216,64 @@ def keep_router_bias_fp32(model: nn.Module) -> None:
 
 
 def build_engine(model: nn.Module, cfg: Config, topo, global_batch_size: int):
-    """``deepspeed.initialize`` for ``model`` on the layout ``topo``; returns the engine."""
+    """``deepspeed.initialize`` for ``model`` on the layout ``topo``; returns the engine.
+
+    With ``topo.pp > 1`` the model is cut into DeepSpeed pipeline stages (``parallel.pipeline``) and the engine is
+    a ``PipelineEngine`` trained with 1F1B ``train_batch``.
+    """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, topo.dp_size, global_batch_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                           config=ds_config, mpu=topo.deepspeed_mpu())
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if topo.pp > 1:
+        from parallel.pipeline import to_pipeline_module
+        model = to_pipeline_module(model, topo, cfg)
+        # No activation partitioning over TP: the activation tuple holds several tensors that need gradients.
+        ds_config = deep_merge({"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}, ds_config)
+        groups = param_groups(model, cfg.optim.weight_decay)  # this stage's parameters only
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                           mpu=None if topo.pp > 1 else topo.deepspeed_mpu())
     keep_router_bias_fp32(engine.module)
+    if topo.pp > 1 and engine.has_moe_layers:
+        _checkpoint_through_layer_files(engine)
+    if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32":
+        _clip_with_exact_norm(engine, topo, cfg.optim.grad_clip)
     return engine
+
+
+def _clip_with_exact_norm(engine, topo, max_norm: float) -> None:
+    """ZeRO 0 in fp32: DeepSpeed clips with a norm averaged over data-parallel ranks, wrong with expert parallelism
+    (see parallel/grad_norm.py); clip with the single-process norm instead and report it
+    (``engine.get_global_grad_norm()``). Called by DeepSpeed at the optimizer step, also inside ``train_batch``."""
+    from parallel.grad_norm import clip_by_global_norm
+
+    def clip() -> None:
+        engine._global_grad_norm = float(clip_by_global_norm(engine.module, topo, max_norm))
+    engine.clip_fp32_gradients = clip
 
 
 def set_lr(engine, lr: float) -> None:
     """Set the learning rate of every optimizer group (ZeRO exposes the wrapped optimizer's groups)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def _checkpoint_through_layer_files(engine) -> None:
+    """Save and load a pipeline with experts through ``DeepSeekPipeline``'s layer files.
+
+    With MoE layers DeepSpeed's PipelineEngine takes its MoE checkpoint path, which skips the pipeline's layer
+    files and stores the module from data-parallel rank 0 only: every EP rank would resume with EP rank 0's
+    experts (silently). ``has_moe_layers`` matters after initialisation only for checkpoints (the ZeRO optimizer
+    keeps its own MoE groups), so it is switched off around them and the plain pipeline path runs.
+    """
+    def without_moe_path(method):
+        def run(*args, **kwargs):
+            engine.has_moe_layers = False
+            try:
+                return method(*args, **kwargs)
+            finally:
+                engine.has_moe_layers = True
+        return run
+
+    engine.save_checkpoint = without_moe_path(engine.save_checkpoint)
+    engine.load_checkpoint = without_moe_path(engine.load_checkpoint)

@@ -252,28 +252,18 @@ def flops_per_token(model_cfg: ModelConfig, seq_length: int, include_mtp: bool =
 # ----------------------------------------------------------------------------------- memory per rank
 
 def validate_layout(m: ModelConfig, tp: int, pp: int, ep: int, dp: int, pipeline_layout=None) -> None:
-    """One-line ``ConfigError`` naming the key for a layout the model cannot be cut into."""
-    for key, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep), ("--dp", dp)):
+    """One-line ``ConfigError`` naming every degree and the key, for a layout the model cannot be cut into: the
+    trainer's own checks (``parallel.topology``: ``Topology`` for the degrees, ``check_layout`` for the model)."""
+    from parallel.topology import Topology, check_layout
+
+    for key, v in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--dp", dp)):
         if v < 1:
             raise ConfigError(f"{key}={v}: must be >= 1")
-    n = m.num_attention_heads
-    if n % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide model.num_attention_heads={n}")
-    if m.attention == "gqa" and m.kv_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide model.num_key_value_heads={m.kv_heads}")
-    if pp > m.num_hidden_layers:
-        raise ConfigError(f"parallel.pp={pp} exceeds model.num_hidden_layers={m.num_hidden_layers}: "
-                          f"each pipeline stage needs a layer")
+    topo = Topology(world_size=tp * pp * dp, tp=tp, pp=pp, ep=ep)
+    check_layout(m, topo)
     if pipeline_layout is not None and (len(pipeline_layout) != pp or sum(pipeline_layout) != m.num_hidden_layers):
-        raise ConfigError(f"parallel.pipeline_layout={pipeline_layout}: needs parallel.pp={pp} entries summing "
-                          f"to model.num_hidden_layers={m.num_hidden_layers}")
-    if ep > 1 and not m.is_moe:
-        raise ConfigError(f"parallel.ep={ep}: the model has no routed experts (model.n_routed_experts=0); use 1")
-    if m.is_moe and m.n_routed_experts % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide model.n_routed_experts={m.n_routed_experts}")
-    if dp % ep:
-        raise ConfigError(f"--dp={dp} is not a multiple of parallel.ep={ep}: experts are sharded over the "
-                          f"data-parallel ranks, so ep must divide dp")
+        topo.fail(f"parallel.pipeline_layout={list(pipeline_layout)} needs pp={pp} entries summing to "
+                  f"model.num_hidden_layers={m.num_hidden_layers}", "fix parallel.pipeline_layout or set it to null")
 
 
 def stage_of_layers(num_layers: int, pp: int, pipeline_layout=None) -> list[int]:
@@ -441,6 +431,9 @@ def model_info(cfg: Config, tp: int | None = None, pp: int | None = None, ep: in
     p = cfg.parallel
     tp, pp, ep = tp or p.tp, pp or p.pp, ep or p.ep
     dp = dp or ep
+    if cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size is null (the trainer takes it from the shards' tokenizer): give "
+                          "model.vocab_size=N to size the model here")
     validate_layout(cfg.model, tp, pp, ep, dp, _pipeline_layout(cfg, pp))
     inv, used = inventory(cfg.model, source)
     seq = cfg.data.seq_length

@@ -35,7 +35,8 @@ from pretrain.checkpoint import CheckpointError, TrainState, resume, save_checkp
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
 from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, parts_vector, total_loss
-from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps, validate_schedule
+from pretrain.preflight import preflight
+from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Run:
     eos_id: int | None = None  # document boundaries (data.reset_attention_at_eos)
     schedule_state: dict = field(default_factory=dict)
     stage0_grad_norm: float = float("nan")
+    report_norm: bool = False  # DeepSpeed reports no norm (ZeRO 0, fp32, no clipping): the loop computes it
     consecutive_skips: int = 0
     timeout_key: str = "train.dist_timeout_s"  # the timeout in force, for the message of a timed-out collective
 
@@ -81,65 +83,6 @@ class StepResult:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-def check_data_paths(paths: list, key: str) -> None:
-    """One line naming the missing shard prefix or directory (before any process group exists)."""
-    for p in paths:
-        if not (Path(p).is_dir() or Path(f"{p}.idx").is_file()):
-            raise ConfigError(f"{key}: {p} is neither a shard directory nor a prefix with {p}.idx; build shards "
-                              f"with `python -m data_pipeline.build` or fix the path")
-
-
-def resolve_tokenizer(cfg: Config) -> str | None:
-    """``data.tokenizer``, else the tokenizer named in the first shard directory's manifest.json."""
-    if cfg.data.tokenizer:
-        if not Path(cfg.data.tokenizer).is_file():
-            raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
-        return cfg.data.tokenizer
-    first = Path(cfg.data.paths[0])
-    manifest = (first if first.is_dir() else first.parent) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    entry = json.loads(manifest.read_text()).get("tokenizer")
-    vocab = entry.get("vocab_size", 0) if isinstance(entry, dict) else 0
-    if vocab > cfg.model.vocab_size:  # token ids would index past the embedding
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the tokenizer "
-                          f"({vocab}) the shards in {manifest.parent} were built with; set model.vocab_size={vocab}")
-    path = entry.get("path") if isinstance(entry, dict) else entry
-    return path if path and Path(path).is_file() else None
-
-
-def check_reliability_config(cfg: Config, topo) -> None:
-    """One line per bad value of the fault-handling keys (before any process group)."""
-    t = cfg.train
-    checks = [(t.dist_timeout_s > 0, f"train.dist_timeout_s={t.dist_timeout_s}: must be positive"),
-              (t.step_timeout_s is None or t.step_timeout_s > 0,
-               f"train.step_timeout_s={t.step_timeout_s}: must be positive or null"),
-              (t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps}: must be >= 1"),
-              (t.loss_spike_sigma >= 0, f"train.loss_spike_sigma={t.loss_spike_sigma}: must be >= 0 (0 = off)"),
-              (t.loss_spike_window >= 2, f"train.loss_spike_window={t.loss_spike_window}: must be >= 2"),
-              (not (t.loss_spike_sigma and topo.pp > 1),
-               "train.loss_spike_sigma needs the loss on every rank, which parallel.pp > 1 keeps on the last "
-               "stage only; set train.loss_spike_sigma=0")]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def data_fingerprint(paths: list) -> list:
-    """[[shard file name, .bin bytes, .idx sha256], ...] over ``paths`` in order: cheap (the .bin is not read)
-    yet any rebuild changes it (document lengths live in the .idx)."""
-    import hashlib
-
-    from data_pipeline.dataset import resolve_path
-    out = []
-    for path in paths:
-        for shard in resolve_path(str(path)):
-            prefix = shard["prefix"]
-            digest = hashlib.sha256(Path(prefix + ".idx").read_bytes()).hexdigest()
-            out.append([Path(prefix).name, Path(prefix + ".bin").stat().st_size, digest])
-    return out
-
 
 def check_data_unchanged(state: TrainState, fingerprint: list) -> None:
     """Resuming on shards that differ from the ones the checkpoint was trained on would silently change the
@@ -208,33 +151,20 @@ def seed_rank(seed: int, rank: int) -> None:
 
 def setup(cfg: Config) -> Run:
     """Validate, start the process group, build model/engine/data/metrics, resume if a checkpoint exists."""
-    from parallel import Topology, initialize_parallel
+    from parallel import initialize_parallel
     from pretrain.info import flops_per_token
     from pretrain.metrics import MetricsLogger
     from pretrain.preemption import PreemptionHandler
 
     rank, local_rank, world_size = launcher_env()
-    # Everything a user can get wrong is checked before any process group work.
-    topo = Topology.from_config(cfg, world_size, rank)
-    validate_schedule(cfg, topo.dp_size)
-    check_reliability_config(cfg, topo)
-    if topo.pp > 1:
-        from parallel.pipeline import check_pipeline_layout
-        check_pipeline_layout(cfg)
-    if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give shard directories or prefixes built by data_pipeline.build")
-    check_data_paths(cfg.data.paths, "data.paths")
-    check_data_paths(cfg.data.eval_paths, "data.eval_paths")
-    fingerprint = data_fingerprint(cfg.data.paths)  # also: every shard exists and its .bin matches its .idx
-    tokenizer = resolve_tokenizer(cfg)
+    # Everything a user can get wrong is checked before any process group work (pretrain.preflight).
+    checked = preflight(cfg, world_size, rank)
+    topo, fingerprint, tokenizer = checked.topo, checked.fingerprint, checked.tokenizer
 
     device = init_distributed(local_rank, cfg.train.dist_timeout_s)
     if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
         initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
-    make_engine = build_engine
-    if topo.pp > 1:  # DeepSpeed PipelineModule stages trained with 1F1B train_batch (parallel.pipeline)
-        from parallel.pipeline import build_pipeline_engine as make_engine
-    engine = make_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
+    engine = build_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
     set_collective_timeout(cfg.train.dist_timeout_s)  # also the groups megatron-core and DeepSpeed created
     guard = StepGuard(engine)
     state = resume(engine, cfg)
@@ -257,8 +187,9 @@ def setup(cfg: Config) -> Run:
                             log_interval=cfg.train.log_interval)
     preempt = PreemptionHandler(cfg.train.preemption_signals).install()
     last = min(steps, cfg.train.exit_at_step) if cfg.train.exit_at_step else steps
+    report_norm = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.optim.grad_clip
     return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last, guard,
-               eos_id=stream.ds.eos_id)
+               eos_id=checked.eos_id, report_norm=report_norm)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -269,12 +200,12 @@ def _dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
     return tensor
 
 
-def _grad_norm(engine) -> float:
-    """Global gradient norm, for ZeRO stage 0 where DeepSpeed clips but does not report it. Called after the
-    boundary backward (gradients already all-reduced) and before ``engine.step`` clips them."""
-    from deepspeed.runtime.utils import get_global_norm_of_tensors
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(get_global_norm_of_tensors(grads, mpu=engine.mpu))
+def _grad_norm(run: Run) -> float:
+    """The single-process gradient norm (``parallel.grad_norm``), for ZeRO stage 0 in fp32 without clipping, where
+    nobody computes it (pretrain.engine clips ZeRO-0 fp32 with it; the bf16 and ZeRO optimizers report theirs). Called after the boundary backward (gradients already all-reduced) and before
+    ``engine.step`` clips them."""
+    from parallel.grad_norm import global_grad_norm
+    return float(global_grad_norm(run.engine.module, run.topo))
 
 
 def document_ids(run: Run, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -309,8 +240,8 @@ def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
         parts["loss"] = loss.detach()
         run.guard.add_loss(loss)
         engine.backward(loss)
-        if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-            run.stage0_grad_norm = _grad_norm(engine)
+        if run.report_norm and engine.is_gradient_accumulation_boundary():
+            run.stage0_grad_norm = _grad_norm(run)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         sums[:-1] += parts_vector(parts, run.device)
         sums[-1] += dropped_tokens(out)

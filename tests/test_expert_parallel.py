@@ -51,7 +51,7 @@ def _all_to_all(rank, world):
 
 
 def _round_trip_and_layer(rank, world):
-    topo = Topology(world_size=world, ep=world, rank=rank, n_routed_experts=8)
+    topo = Topology(world_size=world, ep=world, rank=rank)
     initialize_parallel(topo)
     num_experts, n, k = 8, 6, 2
     gen = torch.Generator().manual_seed(rank)

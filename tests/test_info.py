@@ -195,10 +195,11 @@ def test_cli_table_and_overrides(capsys):
 
 
 @pytest.mark.parametrize("args, key", [
-    (["--tp", "3"], "parallel.tp"),
-    (["--ep", "3"], "parallel.ep"),
-    (["--ep", "8", "--dp", "12"], "--dp"),
-    (["--pp", "100"], "parallel.pp"),
+    (["--tp", "3"], "model.num_attention_heads=128 is not divisible by tp=3"),
+    (["--ep", "3"], "model.n_routed_experts=256 is not divisible by ep=3"),
+    (["--ep", "8", "--dp", "12"], "ep=8 does not divide dp=12"),
+    (["--pp", "100"], "model.num_hidden_layers=61 < pp=100"),
+    (["--dp", "-2"], "--dp=-2: must be >= 1"),
 ])
 def test_bad_layout_one_line(args, key, capsys):
     assert main(["--config", "deepseek-v3", *args]) == 2
@@ -210,7 +211,10 @@ def test_bad_layout_as_module_exits_2():
     r = subprocess.run([sys.executable, "-m", "pretrain.info", "--config", "deepseek-v2", "--tp", "3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == "error: parallel.tp=3 must divide model.num_attention_heads=128"
+    err = r.stderr.strip()
+    assert err.startswith("error: parallel layout tp=3 ") and "\n" not in err
+    assert err.endswith("model.num_attention_heads=128 is not divisible by tp=3; choose parallel.tp dividing the "
+                        "number of heads")
 
 
 def test_model_info_rejects_dense_ep():

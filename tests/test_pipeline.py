@@ -106,7 +106,7 @@ def test_pp2_resume_is_exact(data_dir, pp2_run, tmp_path):
 @pytest.mark.parametrize("layout", [[1], [1, 2], [-1, 3], [1.5, 0.5], [0, 0, 2]])
 def test_bad_pipeline_layout_is_one_line(layout):
     """Length and sum are checked when the config loads, the rest by parallel.pipeline (both before any group)."""
-    from parallel.pipeline import check_pipeline_layout
+    from parallel.topology import check_pipeline_layout
     from pretrain.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"parallel.pipeline_layout=.*model.num_hidden_layers=2") as err:
         check_pipeline_layout(load_config("tiny", [f"parallel.pp={max(len(layout), 2)}",
@@ -115,7 +115,7 @@ def test_bad_pipeline_layout_is_one_line(layout):
 
 
 def test_good_pipeline_layouts_pass():
-    from parallel.pipeline import check_pipeline_layout
+    from parallel.topology import check_pipeline_layout
     from pretrain.config import load_config
     for pp, layout in [(2, [1, 1]), (2, [0, 2]), (2, [2, 0]), (3, [0, 2, 0])]:
         check_pipeline_layout(load_config("tiny", [f"parallel.pp={pp}", f"parallel.pipeline_layout={layout}"]))

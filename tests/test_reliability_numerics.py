@@ -127,7 +127,7 @@ def test_expert_without_tokens_and_fully_masked_batch_single_process():
 
 def _ep_rank_without_tokens(rank, world):
     """ep2: no token of either rank picks experts 4-7 (rank 1's), and rank 1's batch is fully masked."""
-    topo = Topology(world_size=world, ep=world, rank=rank, n_routed_experts=8)
+    topo = Topology(world_size=world, ep=world, rank=rank)
     initialize_parallel(topo)
     cfg, ref = _tiny()
     for router in _routers(ref):

@@ -3,11 +3,16 @@ import pytest
 
 from helpers import run_distributed
 from parallel import Topology, initialize_parallel
+from parallel.topology import check_layout
 from pretrain.config import ConfigError, load_config
 
 
 def _topo(world, overrides=(), rank=0):
-    return Topology.from_config(load_config("tiny", list(overrides)), world, rank=rank)
+    """The degrees (Topology) and the model and batch against them (check_layout), as pretrain.preflight asks."""
+    cfg = load_config("tiny", list(overrides))
+    topo = Topology.from_config(cfg, world, rank=rank)
+    check_layout(cfg.model, topo, cfg.train.micro_batch_size, cfg.train.global_batch_size)
+    return topo
 
 
 @pytest.mark.parametrize("world, overrides, message", [
@@ -47,7 +52,6 @@ def test_rank_arithmetic_matches_deepspeed_pipeline_topology():
         assert t.dp_group_ranks() == [g for g in ds.get_axis_comm_lists("data") if rank in g][0]
         assert t.tp_group_ranks() == [g for g in ds.get_axis_comm_lists("model") if rank in g][0]
         assert t.pp_group_ranks() == [g for g in ds.get_axis_comm_lists("pipe") if rank in g][0]
-    assert topo.gradient_accumulation_steps == 1
 
 
 def test_expert_groups_are_consecutive_data_parallel_ranks():

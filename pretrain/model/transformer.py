@@ -259,4 +259,7 @@ class DeepSeekModel(nn.Module):
 
 def build_model(cfg) -> DeepSeekModel:
     """Build the model for a ``ModelConfig`` (plain nn.Module, fp32, on the current default device)."""
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is null: it is resolved from the training shards' tokenizer by "
+                         "pretrain.preflight (pretrain.train); set model.vocab_size to build the model directly")
     return DeepSeekModel(cfg)
