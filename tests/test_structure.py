@@ -238,13 +238,13 @@ def test_preflight_ok_and_resolves_the_vocabulary(tmp_path):
     (["--world-size", "2", "data.paths=[/nonexistent/shards]"], "data.paths: /nonexistent/shards"),
     (["--world-size", "2", "data.reset_attention_at_eos=true"], "record no eos id"),
 ])
-def test_preflight_errors_are_one_line(data_dir, args, message):
+def test_preflight_errors_are_one_line(data_dir, args, message, capsys):
+    from pretrain.preflight import main
     if not any(a.startswith("data.paths") for a in args):
         args = [*args, f"data.paths=[{data_dir}]"]
-    r = _preflight("--config", "tiny", *args)
-    assert r.returncode == 2 and r.stdout == "", r.stdout
-    err = r.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err and "Traceback" not in err
+    assert main(["--config", "tiny", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.slow
