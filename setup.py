@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     # tests/ (fixtures, helpers, the gloo test harness) and bench/ are development tools, not part of the package.
     packages=find_packages(include=["pretrain", "pretrain.*", "parallel", "parallel.*", "data_pipeline",
-                                    "data_pipeline.*"], exclude=["tests", "tests.*", "bench", "bench.*"]),
+                                    "data_pipeline.*", "posttrain", "posttrain.*"], exclude=["tests", "tests.*", "bench", "bench.*"]),
     package_data={"pretrain": ["presets/*.yaml"]},
     install_requires=[
         "torch>=2.4",

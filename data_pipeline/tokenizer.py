@@ -23,6 +23,7 @@ import io
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import sentencepiece as spm
@@ -36,6 +37,49 @@ NEWLINE = "\n"
 # Documents longer than this are encoded newline-segment by newline-segment (see Tokenizer.encode): one
 # sentencepiece call on a multi-megabyte string is superlinear in time and uses ~50x its size in memory.
 SEGMENT_CHARS = 1 << 16
+
+
+# Chat format (posttrain.chat): DeepSeek-style role and turn pieces, appended to a trained model as user-defined
+# pieces by add_chat_tokens, and the jinja template transformers renders with them (pretrain.export).
+USER, ASSISTANT, END_OF_TURN = "<｜User｜>", "<｜Assistant｜>", "<｜end_of_turn｜>"
+CHAT_TOKENS = (USER, ASSISTANT, END_OF_TURN)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '" + USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '" + ASSISTANT + "' + message['content'] + '" + END_OF_TURN + "' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}")
+"""The jinja template transformers renders (``tokenizer.chat_template``): the same text as :func:`render_text`."""
+
+
+def with_chat_tokens(proto_bytes: bytes) -> bytes:
+    """A serialized sentencepiece model with the chat pieces appended as user-defined pieces (idempotent: pieces
+    already present are kept where they are, so ids of existing pieces never move)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto()
+    model.ParseFromString(proto_bytes)
+    have = {p.piece for p in model.pieces}
+    for piece in CHAT_TOKENS:
+        if piece not in have:
+            new = model.pieces.add()
+            new.piece, new.score, new.type = piece, 0.0, model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return model.SerializeToString()
+
+
+def add_chat_tokens(source: str | os.PathLike, output: str | os.PathLike) -> str:
+    """Write ``source`` (a sentencepiece ``.model``) with the chat pieces to ``output`` (atomically: every rank may
+    write the same bytes); returns ``output``."""
+    data = with_chat_tokens(Path(source).read_bytes())
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not (output.is_file() and output.read_bytes() == data):
+        tmp = output.with_name(f"{output.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, output)
+    return str(output)
 
 
 class FimIds(NamedTuple):

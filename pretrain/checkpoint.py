@@ -409,3 +409,45 @@ def load_model_from_checkpoint(path: str | os.PathLike, trust_unverified: bool =
     if tokenizer.is_file():
         return model.eval(), cfg, str(tokenizer)
     return model.eval(), cfg, cfg.data.tokenizer
+
+
+# ------------------------------------------------------------------------------------ train.init_from
+
+INIT_FROM_MAY_CHANGE = ("max_position_embeddings", "rope_scaling", "num_nextn_predict_layers", "initializer_range")
+"""Model keys a new phase may change against its ``train.init_from`` weights: context extension (sequence length and
+RoPE scaling) and the MTP depth (missing MTP modules start fresh, surplus ones are dropped)."""
+
+
+def init_source(path: str | os.PathLike):
+    """(model on the CPU in fp32, its ModelConfig) of ``train.init_from``: a HuggingFace folder (config.json) or a run
+    or step directory of this framework."""
+    from pretrain.export import from_hf
+
+    if (Path(path) / "config.json").is_file():
+        model, model_cfg = from_hf(path)
+        return model.float(), model_cfg
+    model, cfg, _ = load_model_from_checkpoint(path)
+    return model, cfg.model
+
+
+def load_init_weights(model: torch.nn.Module, cfg: Config) -> None:
+    """Copy ``train.init_from``'s weights (expert bias and MTP where present) into the freshly built single-process
+    ``model`` before it is parallelized, so every layout slices the same full weights. A model key other than
+    ``INIT_FROM_MAY_CHANGE`` that differs is refused in one line naming it."""
+    path = cfg.train.init_from
+    source, source_cfg = init_source(path)
+    for key, value in asdict(cfg.model).items():
+        old = getattr(source_cfg, key)
+        if key not in INIT_FROM_MAY_CHANGE and old != value:
+            raise ConfigError(f"model.{key}={value!r} but train.init_from={path} was trained with {old!r}; a new "
+                              f"phase keeps the architecture (only {', '.join(INIT_FROM_MAY_CHANGE)} may change)")
+    target = model.state_dict()
+    state = {k: v for k, v in source.state_dict().items() if k in target or not k.startswith("mtp.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("mtp.")]
+    if missing or unexpected:
+        raise CheckpointError(f"train.init_from={path}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {list(unexpected)[:3]})")
+    if _rank() == 0:
+        print(f"[train] initialised from {path} (fresh optimizer, schedule and data stream)", flush=True)
+

@@ -225,6 +225,15 @@ class TrainConfig:
     """Skip the optimizer step when loss > mean + k * std of the last loss_spike_window steps (0 = off)."""
     loss_spike_window: int = 50
     """Steps in the loss-spike window (saved in checkpoints); spike skipping starts once it is full."""
+    init_from: str | None = None
+    """Start a new run from these weights: a run directory (its `latest`), a step_NNNNNNN directory or a HuggingFace
+    folder. Expert bias and MTP come along where present; optimizer, schedule and data stream start fresh. Model
+    shapes must match (sequence length and RoPE scaling may change). Ignored once output_dir holds a checkpoint."""
+    loss_on: str = "assistant"
+    """posttrain.sft: assistant (loss only on assistant turns and their end-of-turn token) or all (every token)."""
+    epochs: float | None = None
+    """posttrain.*: passes over the data; with train.steps and train.total_tokens null the run length follows
+    from it (whole global batches)."""
 
 
 @dataclass
@@ -298,6 +307,29 @@ class MTPConfig:
     """lambda on the mean MTP loss; constant or [[tokens, value], ...] (V3: 0.3, then 0.1)."""
 
 
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (posttrain.dpo)."""
+
+    beta: float = 0.1
+    """beta: scale of the implicit reward beta * (log pi - log pi_ref)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo (IPO, Azar et al.)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a preference label is flipped (sigmoid loss only), in [0, 0.5)."""
+    precompute_reference: bool = False
+    """Compute the frozen reference's log-probs once before training (one pass, stored with the data position)
+    instead of holding a second copy of the model in the same layout."""
+
+
+@dataclass
+class RMConfig:
+    """Reward model (posttrain.rm)."""
+
+    margin: float = 0.0
+    """Bradley-Terry with a margin: -log sigmoid(r_chosen - r_rejected - margin) (0 = plain)."""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -307,6 +339,8 @@ SECTIONS = {
     "schedule": ScheduleConfig,
     "moe": MoEConfig,
     "mtp": MTPConfig,
+    "dpo": DPOConfig,
+    "rm": RMConfig,
 }
 
 
@@ -320,6 +354,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     deepspeed: dict = field(default_factory=dict)
     """Passed through to the generated DeepSpeed config (deep-merged over it)."""
 
@@ -608,8 +644,9 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
            f"{t.micro_batch_size}")
-    _check(t.total_tokens is not None or t.steps is not None,
-           "train.total_tokens and train.steps are both null: set one to fix the run's length")
+    _check(t.total_tokens is not None or t.steps is not None or t.epochs is not None,
+           "train.total_tokens and train.steps are both null: set one to fix the run's length (posttrain.*: or "
+           "train.epochs)")
     _check(t.total_tokens is None or t.total_tokens > 0, f"train.total_tokens={t.total_tokens}: must be positive")
     _check(t.steps is None or t.steps > 0, f"train.steps={t.steps}: must be positive")
     _check(t.save_interval >= 1, f"train.save_interval={t.save_interval}: must be >= 1")
@@ -639,6 +676,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.moe.capacity_factor is None or cfg.moe.capacity_factor > 0,
            f"moe.capacity_factor={cfg.moe.capacity_factor}: must be positive, or null for no token dropping")
     _check_step_value("mtp.loss_weight", cfg.mtp.loss_weight)
+    _check(t.loss_on in ("assistant", "all"), f"train.loss_on={t.loss_on!r}: use assistant or all")
+    _check(t.epochs is None or t.epochs > 0, f"train.epochs={t.epochs}: must be positive")
+    _check(cfg.dpo.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type={cfg.dpo.loss_type!r}: use sigmoid or ipo")
+    _check(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta}: must be positive")
+    _check(0 <= cfg.dpo.label_smoothing < 0.5, f"dpo.label_smoothing={cfg.dpo.label_smoothing}: must be in [0, 0.5)")
     if p.pipeline_layout is not None:
         _check(len(p.pipeline_layout) == p.pp and sum(p.pipeline_layout) == cfg.model.num_hidden_layers,
                f"parallel.pipeline_layout={p.pipeline_layout}: needs parallel.pp={p.pp} entries summing to "

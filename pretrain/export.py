@@ -155,6 +155,8 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     """
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken
+
+    from data_pipeline.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
     from transformers import AutoTokenizer
 
     src = _tokenizer_path(tokenizer)
@@ -178,6 +180,8 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     extra = [p.piece for p in proto.pieces if p.type == kind.CONTROL and p.piece not in named]
     if extra:
         hf_tok.add_special_tokens({"additional_special_tokens": extra})
+    if all(p in {q.piece for q in proto.pieces} for p in CHAT_TOKENS):  # posttrain's chat pieces: its template
+        hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(str(out_dir))
     # save_pretrained does not persist split_special_tokens (nor should it write where it was loaded from)
     config_path = out_dir / "tokenizer_config.json"

@@ -34,7 +34,7 @@ from pretrain import faults
 from pretrain.checkpoint import CheckpointError, TrainState, resume, save_checkpoint, write_run_files
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
-from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, parts_vector, total_loss
+from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, total_loss
 from pretrain.preflight import preflight
 from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps
 
@@ -61,13 +61,14 @@ class Run:
     report_norm: bool = False  # DeepSpeed reports no norm (ZeRO 0, fp32, no clipping): the loop computes it
     consecutive_skips: int = 0
     timeout_key: str = "train.dist_timeout_s"  # the timeout in force, for the message of a timed-out collective
+    objective: "Objective" = None  # what the loop optimises (pretraining: the language-model objective)
 
 
 @dataclass
 class StepResult:
     """Per-step values averaged over micro-batches and data-parallel ranks (identical on every rank)."""
 
-    parts: dict  # pretrain.loss.LOSS_NAMES -> float: loss, lm_loss, mtp_loss and each balance term
+    parts: dict  # Objective.names -> float (pretraining: loss, lm_loss, mtp_loss and each balance term)
     dropped_tokens: float  # token copies dropped over capacity, summed over micro-batches and ranks
     lr: float
     grad_norm: float
@@ -127,15 +128,20 @@ def build_data(cfg: Config, topo, state: TrainState, pin_memory: bool = False):
     return stream, eval_ds
 
 
-def build_model_for(cfg: Config, topo):
-    """The model with identical initial weights on every rank, parallelized for ``topo``."""
+def build_model_for(cfg: Config, topo, objective: "Objective | None" = None):
+    """The model with identical initial weights on every rank (``train.init_from``'s when set), parallelized for
+    ``topo`` and finished by the objective (a reward model's value head, per-token log-probs)."""
     from parallel import parallelize_model
+    from pretrain.checkpoint import load_init_weights
     from pretrain.model import build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    if cfg.train.init_from:  # a new phase: the weights only; a resumed run's checkpoint replaces them below
+        load_init_weights(model, cfg)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model = parallelize_model(model, topo, cfg)
+    model = (objective or Objective()).prepare_model(model, cfg, topo)
     if cfg.train.compile == "blocks":
         model.compile_blocks()
     elif cfg.train.compile == "model":
@@ -149,22 +155,60 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def setup(cfg: Config) -> Run:
+class Objective:
+    """What a training stage optimises, and on which data. Pretraining's is the language-model objective below;
+    ``posttrain`` subclasses it (masked SFT, reward model, DPO). Per micro-batch the loop calls ``batch(run, tokens)``
+    and ``loss(model, batch, weights) -> (loss, {name: detached scalar} for each of names, model output)``; a part
+    whose name holds a '/' is logged under that name (``rewards/chosen``), the others as ``train/<name>``."""
+
+    names: tuple = LOSS_NAMES
+    pipeline: bool = True  # runs under parallel.pp > 1 (parallel.pipeline computes total_loss on the last stage)
+
+    def preflight(self, cfg: Config, world_size: int, rank: int):
+        if cfg.train.epochs is not None and cfg.train.steps is None and cfg.train.total_tokens is None:
+            raise ConfigError("train.epochs is for posttrain.* (small datasets); pretraining is sized by "
+                              "train.total_tokens or train.steps")
+        return preflight(cfg, world_size, rank)
+
+    def prepare_model(self, model, cfg: Config, topo):
+        """The parallelized model, before the engine wraps it."""
+        return model
+
+    def build_data(self, cfg: Config, topo, state: TrainState, pin_memory: bool):
+        return build_data(cfg, topo, state, pin_memory)
+
+    def batch(self, run: "Run", tokens: torch.Tensor) -> dict:
+        """A (mb, seq + 1) window -> the model's inputs on the device."""
+        tokens = tokens.to(run.device, non_blocking=True)  # pinned on GPU: an async copy
+        input_ids = tokens[:, :-1]
+        return {"input_ids": input_ids, "labels": tokens[:, 1:], "document_ids": document_ids(run, input_ids)}
+
+    def loss(self, model, batch: dict, weights: LossWeights):
+        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"])
+        loss, parts = total_loss(out, weights)
+        return loss, parts, out
+
+
+def setup(cfg: Config, objective: Objective | None = None) -> Run:
     """Validate, start the process group, build model/engine/data/metrics, resume if a checkpoint exists."""
     from parallel import initialize_parallel
     from pretrain.info import flops_per_token
     from pretrain.metrics import MetricsLogger
     from pretrain.preemption import PreemptionHandler
 
+    objective = objective or Objective()
     rank, local_rank, world_size = launcher_env()
     # Everything a user can get wrong is checked before any process group work (pretrain.preflight).
-    checked = preflight(cfg, world_size, rank)
+    checked = objective.preflight(cfg, world_size, rank)
+    if cfg.parallel.pp > 1 and not objective.pipeline:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: {type(objective).__name__} needs more than labels on the "
+                          f"last pipeline stage; use parallel.pp=1 (tp, ep and dp work)")
     topo, fingerprint, tokenizer = checked.topo, checked.fingerprint, checked.tokenizer
 
     device = init_distributed(local_rank, cfg.train.dist_timeout_s)
     if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
         initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
-    engine = build_engine(build_model_for(cfg, topo), cfg, topo, global_batch_at(0, cfg))
+    engine = build_engine(build_model_for(cfg, topo, objective), cfg, topo, global_batch_at(0, cfg))
     set_collective_timeout(cfg.train.dist_timeout_s)  # also the groups megatron-core and DeepSpeed created
     guard = StepGuard(engine)
     state = resume(engine, cfg)
@@ -179,7 +223,7 @@ def setup(cfg: Config) -> Run:
         truncate_metrics_log(run_dir, state.step)
     if global_batch_at(state.tokens_seen, cfg) != engine.train_batch_size():
         engine.set_train_batch_size(global_batch_at(state.tokens_seen, cfg))
-    stream, eval_ds = build_data(cfg, topo, state, pin_memory=device.type == "cuda")
+    stream, eval_ds = objective.build_data(cfg, topo, state, pin_memory=device.type == "cuda")
     steps = total_steps(cfg)
     metrics = MetricsLogger(run_dir, enabled=rank == 0, peak_flops=cfg.train.peak_flops,
                             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_length, include_mtp=True),
@@ -189,7 +233,7 @@ def setup(cfg: Config) -> Run:
     last = min(steps, cfg.train.exit_at_step) if cfg.train.exit_at_step else steps
     report_norm = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.optim.grad_clip
     return Run(cfg, topo, engine, device, stream, eval_ds, metrics, preempt, state, steps, last, guard,
-               eos_id=checked.eos_id, report_norm=report_norm)
+               eos_id=checked.eos_id, report_norm=report_norm, objective=objective)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -219,21 +263,19 @@ def document_ids(run: Run, input_ids: torch.Tensor) -> torch.Tensor | None:
 def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
     """Forward/backward over this rank's micro-batches and the optimizer step (plain, TP and EP layouts).
 
-    Returns (the ``LOSS_NAMES`` parts averaged over micro-batches and data-parallel ranks, dropped token copies and
+    Returns (the objective's parts (``Objective.names``) averaged over micro-batches and data-parallel ranks, dropped token copies and
     the expert load (L, E), both summed over micro-batches and data-parallel ranks).
     """
     engine, step, rank = run.engine, run.state.step + 1, dist.get_rank()
-    sums = torch.zeros(len(LOSS_NAMES) + 1, device=run.device)  # the parts, then dropped tokens
+    names = run.objective.names
+    sums = torch.zeros(len(names) + 1, device=run.device)  # the parts, then dropped tokens
     load = None
     for i, tokens in enumerate(micro_batches):
         # DeepSpeed's own boundary is (micro_steps + 1) % accumulation_steps: wrong once a batch-size ramp changes
         # the accumulation steps after a number of micro-steps that is not a multiple of the new value (and after
         # a resume, which restarts micro_steps at 0). The last micro-batch of this step is the boundary.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        tokens = tokens.to(run.device, non_blocking=True)  # (mb, seq + 1), pinned on GPU: an async copy
-        input_ids = tokens[:, :-1]
-        out = engine(input_ids, labels=tokens[:, 1:], document_ids=document_ids(run, input_ids))
-        loss, parts = total_loss(out, weights)
+        loss, parts, out = run.objective.loss(engine, run.objective.batch(run, tokens), weights)
         for kind, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf")), ("spike_loss", 100.0)):
             if faults.active(kind, step, rank):  # tests only (pretrain.faults)
                 loss = loss * factor
@@ -243,7 +285,7 @@ def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
         if run.report_norm and engine.is_gradient_accumulation_boundary():
             run.stage0_grad_norm = _grad_norm(run)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        sums[:-1] += parts_vector(parts, run.device)
+        sums[:-1] += torch.stack([parts[n].reshape(()).float() for n in names]).to(run.device)
         sums[-1] += dropped_tokens(out)
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
     # Losses for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
@@ -286,7 +328,7 @@ def train_step(run: Run, step: int) -> StepResult:
                           "global_batch_size": global_batch}
     grad_norm = engine.get_global_grad_norm()
     grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
-    parts = dict(zip(LOSS_NAMES, means.tolist()))
+    parts = dict(zip(run.objective.names, means.tolist()))
     return StepResult(parts, dropped, lr, float("nan") if grad_norm is None else float(grad_norm),
                       global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu(), skipped=skipped)
 
@@ -354,7 +396,8 @@ def maybe_log(run: Run, step: int, r: StepResult) -> None:
     from pretrain.metrics import load_max_violation
 
     t, m = run.cfg.train, run.metrics
-    scalars = {**{f"train/{name}": value for name, value in r.parts.items()}, "train/lr": r.lr,
+    scalars = {**{name if "/" in name else f"train/{name}": value for name, value in r.parts.items()},
+               "train/lr": r.lr,
                "train/grad_norm": r.grad_norm, "train/mtp_weight": run.schedule_state["mtp_weight"],
                "moe/bias_update_speed": run.schedule_state["bias_update_speed"],
                "train/skipped_steps": run.state.skipped_steps}
@@ -393,8 +436,8 @@ def maybe_checkpoint(run: Run, step: int, force: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------- loop
 
-def train(cfg: Config) -> None:
-    run = setup(cfg)
+def train(cfg: Config, objective: Objective | None = None) -> None:
+    run = setup(cfg, objective)
     run.timeout_key = f"train.dist_timeout_s={cfg.train.dist_timeout_s}"
     if run.state.step >= run.last_step:
         print(f"[train] {cfg.train.output_dir} is already at step {run.state.step}; nothing to do", flush=True)
@@ -442,8 +485,8 @@ def collective_failures(run: Run, step: int):
                               f"resume from `latest` once the cause is fixed") from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m pretrain.train") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="preset name (e.g. tiny, small-moe) or a YAML path")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
@@ -457,12 +500,14 @@ def _print_error(e: Exception) -> None:
     sys.stderr.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, objective: Objective | None = None, prog: str = "python -m pretrain.train"
+         ) -> int:
+    """The command line of ``pretrain.train`` and of ``posttrain.*`` (which pass their objective)."""
     from data_pipeline.readers import DataError
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), objective)
     except (ConfigError, FileNotFoundError, DataError) as e:
         _print_error(e)
         return 2

@@ -1,0 +1,267 @@
+"""The post-training objectives, each a ``pretrain.train.Objective`` on the pretraining loop.
+
+* ``SFTObjective``: ``pretrain.loss.total_loss`` (lm + lambda MTP + alpha balance terms) on packed conversations
+  whose labels are -100 outside the assistant turns (``train.loss_on``): the mean cross-entropy over assistant
+  tokens of each micro-batch.
+* ``DPOObjective``: per-sequence log-probabilities of the chosen and rejected responses under the policy and the
+  frozen reference (the init weights), :func:`dpo_loss` (TRL's ``DPOTrainer.dpo_loss``: sigmoid with cDPO label
+  smoothing, IPO on length-averaged log-probs), plus the MoE balance terms.
+* ``RMObjective``: a scalar value head (one row of the LM head, ``VALUE_ROW``; transformers' ``score`` on export)
+  read at the last token of each sequence, :func:`bradley_terry_loss`, plus the MoE balance terms.
+
+DPO and RM need the per-token values of the whole sequence, so they swap the model's ``loss_fn`` for a per-token
+one (``ModelOutput.lm_loss`` is then (B, T)); the logits are materialised (no fused chunked head). Both need
+more than labels on the last pipeline stage: parallel.pp > 1 is refused (tp, ep, dp and ZeRO work).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from posttrain.data import IGNORE_INDEX, PairDataset, SFTDataset, load_pairs, load_sft
+from posttrain.stage import PosttrainObjective
+from pretrain.loss import BALANCE_TERMS, LOSS_NAMES, balance_vector
+
+DPO_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+RM_NAMES = ("loss", "rm/accuracy", "rm/margin", "rm/chosen", "rm/rejected")
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs (N,) each -> (losses (N,), chosen rewards (N,), rejected rewards (N,)), as TRL's ``dpo_loss``:
+    logits = (pi_c - pi_r) - (ref_c - ref_r); sigmoid: -logsig(b logits)(1 - ls) - logsig(-b logits) ls (cDPO);
+    ipo: (logits - 1 / (2 b))^2; rewards b (pi - ref), detached."""
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo.loss_type={loss_type!r}: use sigmoid or ipo")
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
+    """TRL's logged names -> batch means (detached)."""
+    values = {"loss": losses.mean(), "rewards/chosen": chosen_rewards.mean(),
+              "rewards/rejected": rejected_rewards.mean(), "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+              "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+              "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
+    return {k: v.detach().float() for k, v in values.items()}
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Rewards (N,) -> losses (N,) = -log sigmoid(r_c - r_r - margin) (InstructGPT's pairwise loss; Llama 2's
+    margin variant)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+def balance_loss(out, weights) -> torch.Tensor:
+    """sum_t alpha_t * term_t of the MoE balance terms in ``out`` (0 for a dense model)."""
+    like = out.lm_loss if out.lm_loss is not None else out.logits
+    terms = balance_vector(out.moe_terms, like)
+    return sum((weights.alphas[t] * terms[i] for i, t in enumerate(BALANCE_TERMS) if weights.alphas[t]),
+               terms.new_zeros(()))
+
+
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A model ``loss_fn`` that does not reduce: logits (B, T, V), labels (B, T) -> NLL (B, T), 0 where ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(labels)
+
+
+def per_token_nll_tp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``per_token_nll`` on this rank's vocab shard (B, T, V / tp): the same (B, T) values on every TP rank."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    keep = labels != IGNORE_INDEX
+    return vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~keep, 0)) * keep
+
+
+# ---------------------------------------------------------------------------------------------- objectives
+
+class SFTObjective(PosttrainObjective):
+    """Masked next-token prediction on packed conversations (``posttrain.sft``)."""
+
+    stage, names, pipeline = "sft", LOSS_NAMES, False
+
+    def load(self, cfg, tok, skipped):
+        return load_sft(cfg.data.paths, tok, cfg.data.seq_length, cfg.train.loss_on, skipped)
+
+    def dataset(self, cfg, num_rows):
+        return SFTDataset(self.records, cfg.data.seq_length, cfg.train.seed, self.tok.pad_id, num_rows)
+
+    def batch(self, run, rows):
+        rows = rows.to(run.device, non_blocking=True)  # (mb, 3, T)
+        return {"input_ids": rows[:, 0], "labels": rows[:, 1], "document_ids": rows[:, 2]}
+
+
+class PairObjective(PosttrainObjective):
+    """Preference pairs: chosen and rejected sequences as one (2 mb, T) batch, chosen first."""
+
+    pipeline = False
+
+    def load(self, cfg, tok, skipped):
+        return load_pairs(cfg.data.paths, tok, cfg.data.seq_length, skipped)
+
+    def dataset(self, cfg, num_rows):
+        return PairDataset(self.records, cfg.data.seq_length, cfg.train.seed, self.tok.pad_id, num_rows)
+
+    def preflight(self, cfg, world_size, rank):
+        if cfg.model.num_nextn_predict_layers:  # MTP is a language-modelling objective; its weights are dropped
+            cfg.model.num_nextn_predict_layers = 0
+        return super().preflight(cfg, world_size, rank)
+
+    def batch(self, run, rows):
+        rows = rows.to(run.device, non_blocking=True)  # (mb, 7, T)
+        return {"input_ids": torch.cat([rows[:, 0], rows[:, 3]]), "labels": torch.cat([rows[:, 1], rows[:, 4]]),
+                "lengths": torch.cat([rows[:, 2, 0], rows[:, 5, 0]]), "index": rows[:, 6, 0]}
+
+
+def sequence_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, object]:
+    """(summed (or, ``average``, per-token mean) log-prob of each sequence's labelled tokens (2 mb,), the output)."""
+    out = model(batch["input_ids"], labels=batch["labels"])
+    keep = batch["labels"] != IGNORE_INDEX
+    logps = -(out.lm_loss * keep).sum(-1)
+    return (logps / keep.sum(-1).clamp(min=1) if average else logps), out
+
+
+class DPOObjective(PairObjective):
+    """Direct preference optimisation against the frozen init weights (``posttrain.dpo``)."""
+
+    stage, names = "dpo", DPO_NAMES
+
+    def prepare_model(self, model, cfg, topo):
+        from pretrain.train import build_model_for
+
+        self.cfg = cfg
+        model.loss_fn = per_token_nll_tp if topo.tp > 1 else per_token_nll
+        self.reference, self.reference_table = None, None
+        if not cfg.dpo.precompute_reference:  # the init weights in the same layout, frozen, in eval mode
+            self.reference = build_model_for(cfg, topo, _FrozenReference())
+            self.reference.loss_fn = model.loss_fn
+            if cfg.train.precision == "bf16":  # the policy's precision (DeepSpeed casts it); the router bias as there
+                from pretrain.engine import keep_router_bias_fp32
+                keep_router_bias_fp32(self.reference.to(torch.bfloat16))
+        return model
+
+    def reference_logps_for(self, engine, batch: dict, average: bool) -> torch.Tensor:
+        """Reference log-probs (2 mb,) of the batch, chosen first."""
+        if self.reference is None:  # dpo.precompute_reference
+            if self.reference_table is None:
+                self.reference_table = self.reference_pass(engine, average)
+            table = self.reference_table.to(batch["input_ids"].device)
+            return torch.cat([table[batch["index"], 0], table[batch["index"], 1]])
+        with torch.no_grad():
+            return sequence_logps(self.reference, batch, average)[0].float()
+
+    @torch.no_grad()
+    def reference_pass(self, engine, average: bool) -> torch.Tensor:
+        """``dpo.precompute_reference``: (num_pairs, 2) reference log-probs (chosen, rejected) by pair index, computed
+        by the policy before its first update in one pass over every pair (every rank runs the same batches, so the
+        TP/EP collectives match), saved as ``train.output_dir/reference_logps.pt`` and read back on resume."""
+        import torch.distributed as dist
+        from pathlib import Path
+
+        path = Path(self.cfg.train.output_dir) / "reference_logps.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        model, mb = engine.module, self.cfg.train.micro_batch_size
+        ds = PairDataset(self.records, self.cfg.data.seq_length, 0, self.tok.pad_id, len(self.records))
+        table = torch.zeros(len(self.records), 2)
+        model.eval()  # as the reference it replaces: no token dropping
+        for first in range(0, len(ds), mb):
+            rows = torch.from_numpy(np.stack([ds[i] for i in range(first, min(first + mb, len(ds)))]))
+            batch = self.batch(engine, rows)
+            logps = sequence_logps(model, batch, average)[0].float().cpu()
+            table[batch["index"].cpu()] = logps.view(2, -1).T
+        model.train()
+        if dist.get_rank() == 0:
+            torch.save(table, path)
+        return table
+
+    def loss(self, model, batch, weights):
+        d = self.cfg.dpo
+        average = d.loss_type == "ipo"  # TRL's IPO averages the log-probs over the completion
+        logps, out = sequence_logps(model, batch, average)
+        ref = self.reference_logps_for(model, batch, average)
+        n = logps.shape[0] // 2
+        losses, chosen_r, rejected_r = dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n], ref[n:], d.beta,
+                                                d.loss_type, d.label_smoothing)
+        loss = losses.mean() + balance_loss(out, weights)
+        parts = dpo_metrics(losses, chosen_r, rejected_r, logps[:n], logps[n:])
+        parts["loss"] = loss.detach().float()
+        return loss, parts, out
+
+
+class _FrozenReference(PosttrainObjective):
+    """``build_model_for``'s finishing step for DPO's reference: no gradients, eval mode."""
+
+    def prepare_model(self, model, cfg, topo):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+
+VALUE_ROW = 0
+"""The reward model's value head is row ``VALUE_ROW`` of the LM head (the ``<unk>`` piece, never produced with
+byte fallback): a Linear(hidden, 1) whose weight keeps the plain model's state-dict name and shape, so checkpoints,
+every layout's shard plan and ``load_model_from_checkpoint`` work unchanged; the export writes it as ``score``."""
+
+
+def value_of_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reward model's ``loss_fn``: logits (B, T, V) -> values (B, T) (``ModelOutput.lm_loss``)."""
+    return logits[..., VALUE_ROW].float()
+
+
+def value_of_row_tp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``value_of_row`` on a vocab shard (B, T, V / tp): TP rank 0 holds the row; the values are summed over TP (the
+    others add zeros) so every rank has them, and the backward's identity hands rank 0 their full gradient."""
+    from megatron.core.parallel_state import get_tensor_model_parallel_rank
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    own = logits[..., VALUE_ROW].float()
+    return reduce_from_tensor_model_parallel_region(own if get_tensor_model_parallel_rank() == 0 else own * 0)
+
+
+@torch.no_grad()
+def init_value_row(model, cfg, topo, seed: int) -> None:
+    """A fresh value head (normal(0, 1 / sqrt(hidden + 1)), seeded: identical on every rank) in the LM head's row."""
+    generator = torch.Generator().manual_seed(seed)
+    row = torch.randn(cfg.model.hidden_size, generator=generator) / math.sqrt(cfg.model.hidden_size + 1)
+    if topo.tp_rank == 0:  # the rank holding vocabulary row 0
+        model.lm_head.weight[VALUE_ROW] = row.to(model.lm_head.weight)
+
+
+def last_token_values(values_BT: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Values (B, T), sequence lengths (B,) -> the value at each sequence's last token (B,) (right padding)."""
+    return values_BT[torch.arange(values_BT.shape[0], device=lengths.device), lengths - 1]
+
+
+class RMObjective(PairObjective):
+    """Reward model on preference pairs: Bradley-Terry on the last-token scores (``posttrain.rm``)."""
+
+    stage, names = "rm", RM_NAMES
+
+    def prepare_model(self, model, cfg, topo):
+        self.margin = cfg.rm.margin
+        init_value_row(model, cfg, topo, cfg.train.seed)
+        model.loss_fn = value_of_row_tp if topo.tp > 1 else value_of_row
+        return model
+
+    def loss(self, model, batch, weights):
+        out = model(batch["input_ids"], labels=batch["labels"])
+        rewards = last_token_values(out.lm_loss, batch["lengths"])
+        n = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n], rewards[n:]
+        loss = bradley_terry_loss(chosen, rejected, self.margin).mean() + balance_loss(out, weights)
+        parts = {"loss": loss, "rm/accuracy": (chosen > rejected).float().mean(), "rm/margin": (chosen - rejected).mean(),
+                 "rm/chosen": chosen.mean(), "rm/rejected": rejected.mean()}
+        return loss, {k: v.detach().float() for k, v in parts.items()}, out
