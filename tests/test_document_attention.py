@@ -157,3 +157,24 @@ def test_model_packed_equals_alone(overrides):
             alone = model(tokens[:, start:start + n])
             torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=0)
             start += n
+
+
+@pytest.mark.slow
+def test_compiled_blocks_take_new_boundaries_without_recompiling():
+    """train.compile=blocks with documents: the blocked kernel runs outside the graph (its plan comes from the data),
+    so new boundaries reuse the compiled blocks, and the logits are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    cfg = load_config("tiny", []).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    boundaries = [LENGTHS, (100, 156), (10, 20, 30, 196)]
+    with torch.no_grad():
+        eager = [model(tokens, document_ids=ids_from_lengths(b)) for b in boundaries]
+        model.compile_blocks()
+        graphs = []
+        for b, want in zip(boundaries, eager):
+            torch.testing.assert_close(model(tokens, document_ids=ids_from_lengths(b)), want, atol=1e-5, rtol=0)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2

@@ -107,12 +107,13 @@ class BlockedCausalAttention(torch.autograd.Function):
     block granularity, for CPU).
 
     Block i's rows attend to keys ``[0, end_i)`` only, so the masked upper triangle beyond the block is never
-    computed; with documents (``block_plan``) keys ``[kstart_i, end_i)``, so neither are the blocks before the
-    block's first document start (packed sequences: the cost falls with the documents' lengths); scores and softmax are fp32 (bf16 inputs: the GEMMs run in bf16). Forward keeps only the output and
-    the per-row log-sum-exp; backward recomputes each block's probabilities from them (no (T, T) tensor is ever
-    saved). Why not SDPA on CPU: its flash kernel's backward runs well below the GEMM rate on these shapes, and its
-    value head must be padded to the key width for MLA (measured in bench/results.md, "Attention with document
-    masks": the causal rows, blocked vs SDPA).
+    computed; with documents (``block_plan``) keys ``[kstart_i, end_i)``, so neither are the key blocks before the
+    block's first document start (packed sequences: the cost falls with the documents' lengths). Scores and softmax
+    are fp32 (bf16 inputs: the GEMMs run in bf16). Forward keeps only the output and the per-row log-sum-exp;
+    backward recomputes each block's probabilities from them (no (T, T) tensor is ever saved). Why not SDPA on CPU:
+    at the reference length (512) its flash kernel's backward runs well below the GEMM rate and its value head must
+    be padded to the key width for MLA; at 2048 its causal kernel is as fast or slightly faster, but with documents
+    it takes a dense mask and computes every block (bench/results.md, "Attention with document masks").
     """
 
     @staticmethod
