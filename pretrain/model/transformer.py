@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model.attention import build_attention
+from pretrain.model.attention import build_attention, document_starts
 from pretrain.model.head import IGNORE_INDEX, LMHead
 from pretrain.model.layers import MLP, RMSNorm, RotaryEmbedding
 from pretrain.model.moe import MoE, GroupedExperts, Router
@@ -64,12 +64,7 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
     """document_ids (B, T) (equal = same document, documents contiguous) -> position_ids (B, T) restarting at 0 at
     each document's first token."""
-    T = document_ids.shape[1]
-    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
-    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
-    new_doc[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    starts = torch.where(new_doc, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - starts
+    return torch.arange(document_ids.shape[1], device=document_ids.device) - document_starts(document_ids)
 
 
 def mtp_labels(labels: torch.Tensor, k: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
