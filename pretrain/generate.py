@@ -99,7 +99,7 @@ class Sampler:
             last = choice[rows, kept]
         else:
             residual = probs[rows, kept]  # (B, V): where a draft was rejected, p without that draft
-            rejected = kept < D
+            rejected = (kept < D) & active  # an inactive row's kept = 0 is no rejection: its p(draft) may be 1
             if D:
                 rejected_draft = drafts[rows, kept.clamp(max=D - 1)]
                 residual[rows[rejected], rejected_draft[rejected]] = 0.0

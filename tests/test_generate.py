@@ -14,6 +14,16 @@ PROMPT_LENGTHS = (5, 23, 11, 40)
 NEAR_TIE = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decoding is many tiny ops: with 2 threads on a busy 2-core machine each op waits for the other thread
+    (seconds instead of milliseconds per step); one thread keeps these tests' times stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_prompts(vocab_size: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
@@ -45,7 +55,6 @@ def compare_with_near_ties(ours: list[list[int]], ref: list[list[int]], margins:
     return ties
 
 
-@pytest.mark.slow  # 20-100 s each on a busy 2-core machine: the reference is 256 full transformers forwards
 @pytest.mark.parametrize("name", ["v3_groups_mtp", "v2_softmax_groups", "llama_gqa"])
 def test_greedy_matches_transformers_forward_on_the_export(name, tmp_path):
     """64 new tokens for 4 prompts of different lengths (one batch, right-padded) against token-by-token argmax of
