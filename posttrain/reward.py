@@ -69,7 +69,7 @@ def to_hf_reward(model: torch.nn.Module, model_cfg, output_dir, tokenizer=None, 
     state = _read_safetensors(out)
     head = model.lm_head.weight if "lm_head.weight" in dict(model.named_parameters()) else model.embed_tokens.weight
     state.pop("lm_head.weight", None)
-    state["score.weight"] = head.detach()[VALUE_ROW:VALUE_ROW + 1].to(next(iter(state.values())).dtype).cpu()
+    state["score.weight"] = head.detach()[VALUE_ROW:VALUE_ROW + 1].to(next(iter(state.values())).dtype).cpu().clone()
     for f in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         f.unlink()
     save_torch_state_dict(state, out)
