@@ -121,3 +121,18 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm, shards, tmp_path):
     assert "received SIGUSR1" in log and "training exited with status 0" in log and "requeueing job" in log
     last = metrics_steps(run_dir)[-1]
     assert last < 400 and (run_dir / "latest").read_text().strip() == f"step_{last:07d}"
+
+
+@pytest.mark.slow
+def test_bad_config_fails_before_srun_in_one_line(slurm, shards, tmp_path):
+    """pretrain.sbatch runs pretrain.preflight before srun: a bad layout fails the job with one error line and no
+    job step is ever started (no launcher, no rank)."""
+    out = sbatch(tmp_path, f"train.output_dir={tmp_path / 'run'}", f"data.paths=[{shards}]", "parallel.tp=4",
+                 wait=True)
+    assert out.returncode != 0
+    job = out.stdout.strip()
+    log = (tmp_path / f"pretrain-{job}.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: parallel layout tp=4"), log
+    assert "Traceback" not in log and "+ torchrun" not in log and "training exited" not in log, log
+    assert job_field(job, "ExitCode").startswith("2:"), job_field(job, "ExitCode")
