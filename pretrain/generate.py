@@ -161,8 +161,7 @@ class _Decoder:
         h, drafts = self.hidden, []
         for k, (module, cache) in enumerate(zip(model.mtp, self.mtp_cache), start=1):
             emb = model.embed_tokens(following[:, k - 1:k - 1 + T])  # module k at position i sees token i + k
-            h = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h)], dim=-1))
-            h, _ = module.block(h, cos, sin, None, cache)
+            h, _ = module(h, emb, cos, sin, None, cache)
             logits = _gather_vocab(model.lm_head(module.norm(h[rows, kept])), model.config.vocab_size)
             draft = logits.argmax(dim=-1)  # (B,)
             following[rows, kept + k] = draft

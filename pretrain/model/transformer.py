@@ -117,10 +117,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None):
-        """h_prev, emb (B, T, H) -> (h (B, T, H) before the output norm, MoE stats or None)."""
+                document_ids: torch.Tensor | None = None, cache=None):
+        """h_prev, emb (B, T, H), cache: this module's KV cache or None (MTP drafts while decoding)
+        -> (h (B, T, H) before the output norm, MoE stats or None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, document_ids)
+        return self.block(h, cos, sin, document_ids, cache)
 
 
 class DeepSeekModel(nn.Module):
