@@ -198,6 +198,9 @@ class TrainConfig:
     Measured on CPU in bench/results.md; the first steps include the compilation."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU (null = measured GEMM rate on CPU, 989e12 on GPU)."""
+    profile_step: int = 0
+    """Count one step's FLOPs, collective bytes per kind and peak live-tensor bytes on every rank into
+    profile_step_N_rank_R.json in the run directory (pretrain/profiling.py; the step runs slower); 0 = never."""
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make every rank checkpoint at the next step boundary and exit 0 (pretrain.preemption)."""
     batch_size_rampup: list | None = None
@@ -652,6 +655,7 @@ def validate(cfg: Config) -> None:
     _check(t.save_interval >= 1, f"train.save_interval={t.save_interval}: must be >= 1")
     _check(t.log_interval >= 1, f"train.log_interval={t.log_interval}: must be >= 1")
     _check(t.keep_last >= 1, f"train.keep_last={t.keep_last}: must be >= 1")
+    _check(t.profile_step >= 0, f"train.profile_step={t.profile_step}: must be >= 0 (0 = never)")
     _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two numbers in [0, 1)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")

@@ -457,7 +457,13 @@ def train(cfg: Config, objective: Objective | None = None) -> None:
 
 def train_one(run: Run, step: int) -> bool:
     """Step, skip accounting, eval, log, checkpoint; True when preempted (every rank agrees)."""
-    result = train_step(run, step)
+    if step == run.cfg.train.profile_step:  # counters of this one step (pretrain/profiling.py)
+        from pretrain.profiling import StepProfiler, write_profile
+        with StepProfiler(run.engine) as profile:
+            result = train_step(run, step)
+        write_profile(profile.result(), run.cfg.train.output_dir, step, dist.get_rank())
+    else:
+        result = train_step(run, step)
     account_skip(run, step, result)
     result.eval_loss = maybe_eval(run, step)
     maybe_log(run, step, result)
