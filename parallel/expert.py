@@ -17,10 +17,15 @@ weight gradient sums the tokens of every rank in its EP group. Expert parameters
 DeepSpeed's MoE expects (``allreduce=False``, ``group_name='ep_size_{ep}'``) so ZeRO reduces them over the
 expert-data-parallel group only; ``_DeepSpeedMoEMarker`` makes ``deepspeed.initialize`` see MoE layers at all.
 
-With tensor parallelism the MoE input is identical on all TP ranks (TP leaves activations replicated between
-layers). Each TP rank dispatches the same tokens within its own EP group (the ranks with the same TP rank), so
-experts are replicated over TP and compute redundantly: simple and exact, at tp x the expert FLOPs. Their
-gradients are identical across TP because both their inputs and the gradient reaching the MoE output are.
+With tensor parallelism (Megatron's sequence parallelism for the routed experts) the MoE input is identical on all
+TP ranks (TP leaves activations replicated between layers), so each TP rank takes 1/tp of the token rows (the
+router ran on all of them: its balance terms and expert loads are the single process's), dispatches them within its
+own EP group (the ranks with the same TP rank), and the expert outputs are all-gathered over TP after the combine:
+no expert work is repeated. Experts stay replicated over TP; each rank's expert gradient covers its token rows, so
+the three stacked weights' gradients are summed over TP in one all-reduce per layer and micro-batch
+(``_SumGradOverGroup``), which leaves them identical on the TP ranks, as DeepSpeed and ``parallel.grad_norm``
+expect of replicated parameters. The split's backward all-gathers the input (and gating-weight) gradients, so
+the router and the layers below see complete gradients.
 """
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.moe import GroupedExperts, expert_counts, gather_rows, kept_copies
+from pretrain.model.moe import GroupedExperts, _grouped_mm_ok, _grouped_swiglu, expert_counts, gather_rows, kept_copies
 
 
 class _AllToAll(torch.autograd.Function):
@@ -130,19 +136,20 @@ def combine(expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
 
 
 class ExpertParallelExperts(GroupedExperts):
-    """This rank's experts of one MoE layer behind all-to-all dispatch/combine.
+    """This rank's experts of one MoE layer behind all-to-all dispatch/combine (and, under TP, this rank's token rows).
 
     Holds ``gate_proj``/``up_proj``/``down_proj`` of shape (E_local, ...) for global experts
     [first_expert, first_expert + E_local). Same call as ``GroupedExperts``: (x, topk_idx, topk_weight) -> (N, H).
+    ``tp_group``: the TP group over which the token rows are split (None: no tensor parallelism).
     """
 
-    def __init__(self, full: GroupedExperts, ep_group, ep_rank: int, ep_size: int):
+    def __init__(self, full: GroupedExperts, ep_group, ep_rank: int, ep_size: int, tp_group=None):
         num_local = full.num_experts // ep_size
         hidden, inter = full.gate_proj.shape[2], full.gate_proj.shape[1]
         with torch.device("meta"):
             super().__init__(num_local, hidden, inter)
         self.num_global_experts, self.first_expert = full.num_experts, ep_rank * num_local
-        self.ep_group = ep_group
+        self.ep_group, self.tp_group = ep_group, tp_group
         local = slice(self.first_expert, self.first_expert + num_local)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
@@ -150,15 +157,99 @@ class ExpertParallelExperts(GroupedExperts):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, H), topk_idx (N, K) global expert ids, topk_weight (N, K), keep (N, K) bool or None -> (N, H)."""
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.tp_group is None:
+            return self._experts(x, topk_idx, topk_weight, keep, weights)
+        rows, tp_rank = _row_split(x.shape[0], dist.get_world_size(self.tp_group)), dist.get_rank(self.tp_group)
+        mine = slice(sum(rows[:tp_rank]), sum(rows[:tp_rank + 1]))
+        y = self._experts(_ScatterRows.apply(x, rows, self.tp_group), topk_idx[mine],
+                          _ScatterRows.apply(topk_weight, rows, self.tp_group), None if keep is None else keep[mine],
+                          _SumGradOverGroup.apply(self.tp_group, *weights))
+        return _AllGatherRows.apply(y, rows, self.tp_group)  # (N, H)
+
+    def _experts(self, x, topk_idx, topk_weight, keep, weights) -> torch.Tensor:
+        """Dispatch, the local experts with ``weights`` (gate, up, down), combine: (n, H) -> (n, H)."""
         x_local, tokens_per_expert, ctx = dispatch(x, topk_idx, topk_weight, self.num_global_experts,
                                                    self.ep_group, keep)
         if x_local.shape[0] > 0:
-            y_local = self.compute(x_local, tokens_per_expert)  # (M, H)
+            y_local = _swiglu(x_local, tokens_per_expert, *weights)  # (M, H)
         else:
             # No copies reached this rank. torch._grouped_mm's backward rejects empty inputs, so skip it but keep
             # the weights in the graph: they get zero gradients like on the other ranks.
-            y_local = x_local + 0.0 * sum(p.sum() for p in (self.gate_proj, self.up_proj, self.down_proj))
+            y_local = x_local + 0.0 * sum(p.sum() for p in weights)
         return combine(y_local, ctx).to(x.dtype)
+
+
+def _swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, gate_w, up_w, down_w) -> torch.Tensor:
+    """``GroupedExperts.compute`` with the weights given (under TP they pass through ``_SumGradOverGroup``)."""
+    if _grouped_mm_ok(x_sorted):
+        return _grouped_swiglu(x_sorted, counts, gate_w, up_w, down_w)
+    parts = x_sorted.split(counts.tolist())
+    return torch.cat([F.linear(F.silu(F.linear(xs, gate_w[e])) * F.linear(xs, up_w[e]), down_w[e])
+                      for e, xs in enumerate(parts)])
+
+
+# ------------------------------------------------------------------- token rows over the tensor-parallel group
+
+def _row_split(num_rows: int, size: int) -> list[int]:
+    """Rows per TP rank: contiguous, the first ``num_rows % size`` ranks one more."""
+    return [num_rows // size + (r < num_rows % size) for r in range(size)]
+
+
+def _all_gather_rows(x: torch.Tensor, rows: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows (``rows[r]`` from rank r) along dim 0; gloo wants equal sizes, so pad."""
+    pad = max(rows)
+    padded = x.new_zeros((pad,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)])
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Forward: this TP rank's rows of a replicated tensor; backward: all-gather the row gradients, so the
+    replicated input gets its complete gradient on every rank (megatron-core's scatter to the sequence-parallel
+    region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: list[int], group) -> torch.Tensor:
+        ctx.rows, ctx.group = rows, group
+        start = sum(rows[:dist.get_rank(group)])
+        return x[start:start + rows[dist.get_rank(group)]].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_rows(grad.contiguous(), ctx.rows, ctx.group), None, None
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Forward: all-gather the TP ranks' rows; backward: this rank's rows of the (replicated, complete) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: list[int], group) -> torch.Tensor:
+        ctx.rows, ctx.rank = rows, dist.get_rank(group)
+        return _all_gather_rows(x.contiguous(), rows, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start = sum(ctx.rows[:ctx.rank])
+        return grad[start:start + ctx.rows[ctx.rank]].contiguous(), None, None
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity on the expert weights; backward sums their gradients over the group in one all-reduce (one
+    collective per layer, in the same order on every rank whichever weights received tokens)."""
+
+    @staticmethod
+    def forward(ctx, group, *weights: torch.Tensor):
+        ctx.group = group
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)))
 
 
 def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:
@@ -203,13 +294,15 @@ def apply_expert_parallel(model: nn.Module, topo) -> nn.Module:
     """Replace every ``GroupedExperts`` of ``model`` (main layers and MTP blocks) with its EP shard, in place.
 
     Call after ``initialize_parallel(topo)`` and with the full weights identical on all ranks. With ``topo.ep == 1``
-    every rank keeps all experts and nothing is communicated (tests).
+    every rank keeps all experts and nothing is communicated over EP (tests); with ``topo.tp > 1`` the experts split
+    the token rows over TP (``parallel.tensor`` calls this). A second call finds nothing left to replace.
     """
     group = topo.ep_group if topo.ep > 1 else None
+    tp_group = topo.tp_group if topo.tp > 1 else None
     targets = [(name, m) for name, m in model.named_modules() if type(m) is GroupedExperts]
     for name, full in targets:
         parent_name, _, child = name.rpartition(".")
-        sharded = ExpertParallelExperts(full, group, topo.ep_rank, topo.ep)
+        sharded = ExpertParallelExperts(full, group, topo.ep_rank, topo.ep, tp_group)
         if topo.ep > 1:
             mark_expert_params(sharded, topo.expert_group_name)
         setattr(model.get_submodule(parent_name), child, sharded)

@@ -1,6 +1,6 @@
 """Tensor parallelism: megatron-core's parallel layers swapped into the finished model by module path.
 
-Plan (Megatron's column-then-row pairing, no sequence parallelism):
+Plan (Megatron's column-then-row pairing; sequence parallelism only for the routed experts):
 
 | module | becomes |
 |---|---|
@@ -11,11 +11,18 @@ Plan (Megatron's column-then-row pairing, no sequence parallelism):
 | dense FFN / shared experts ``gate_proj``, ``up_proj`` / ``down_proj`` | column / row |
 | ``lm_head`` | ``ColumnParallelLinear`` without gather: logits stay vocab-sharded |
 | ``model.loss_fn`` | megatron-core's ``vocab_parallel_cross_entropy`` (with ``-100`` ignored) |
-| router, routed experts, norms, MTP ``eh_proj`` | replicated (routed experts: see ``parallel.expert``) |
+| routed experts | replicated; each TP rank runs them on 1/tp of the token rows (``parallel.expert``) |
+| router, norms, MTP ``eh_proj`` | replicated (see "Still replicated" below) |
 
 Each rank copies its slice of the full weights, so the TP model computes what the single-process one does.
 ``model(input_ids)`` without labels returns gathered (full-vocab) logits; ``ModelOutput.logits`` is this rank's
 vocab shard.
+
+Still replicated under TP, with the reason: the router (E x H, ~1% of an MoE layer's FLOPs; run on all rows so its
+per-sequence balance terms and expert loads are the single process's without another collective), the norms, MLA's
+``q_a_proj``/``kv_a_proj_with_mqa`` (megatron-core keeps them "duplicated": their outputs are normalised over the
+whole latent, and sharding them by tokens would need a gather before the column-parallel up-projections) and the MTP
+``eh_proj`` (one 2h x h GEMM per depth). Their FLOPs are repeated tp times (bench/results.md, "Scale efficiency").
 
 Why replicated parameters get identical, complete gradients on every TP rank: activations between the layers
 are replicated (each row-parallel layer and the embedding all-reduce their output), and every column-parallel
@@ -227,4 +234,5 @@ def apply_tensor_parallel(model: nn.Module, topo) -> nn.Module:
         model.lm_head.weight = model.embed_tokens.weight
     model.loss_fn = vocab_parallel_loss
     model.register_forward_hook(_gather_eval_logits)
-    return model
+    from parallel.expert import apply_expert_parallel
+    return apply_expert_parallel(model, topo)  # routed experts: token rows split over TP (and EP if ep > 1)
