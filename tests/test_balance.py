@@ -118,3 +118,25 @@ def test_old_capacity_key_names_the_new_one_and_v2_preset():
     assert (m.aux_loss_alpha, m.device_aux_alpha, m.comm_aux_alpha, m.capacity_factor) == (0.003, 0.05, 0.02, 1.0)
     tiny = copy.deepcopy(load_config("tiny"))
     assert tiny.moe.capacity_factor is None and tiny.moe.device_aux_alpha == tiny.moe.comm_aux_alpha == 0.0
+
+
+def test_exempt_sequences_are_chosen_once_per_sequence_for_every_layer():
+    """DeepSeek-V2 exempts ~10% of the training *sequences* from dropping: the model picks them from the tokens
+    (moe.exempt_sequences) and every MoE layer, MTP included, receives the same choice; none in evaluation."""
+    from pretrain.model.moe import exempt_sequences, set_token_dropping
+    ids = torch.randint(0, 512, (2000, 16), generator=torch.Generator().manual_seed(0))
+    assert 0.08 < exempt_sequences(ids).float().mean() < 0.12
+    cfg = load_config("tiny")
+    model = build_model(cfg.model)
+    set_token_dropping(model, 0.5)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[1] if len(args) > 1 else None))
+    batch = ids[:6]
+    model(batch, labels=batch)
+    assert len(seen) == 2 and all(torch.equal(s, exempt_sequences(batch)) for s in seen)  # layer 1 + MTP
+    seen.clear()
+    model.eval()
+    model(batch, labels=batch)
+    assert seen == [None]  # evaluation: no MTP, no dropping

@@ -232,6 +232,15 @@ DROP_EXEMPT_EVERY = 10
 """Token dropping spares about 1 in this many sequences (DeepSeek-V2: "approximately 10%")."""
 
 
+def exempt_sequences(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the training sequences whose token copies are never dropped (DeepSeek-V2: "approximately 10% of
+    the training sequences"), about 1 in ``DROP_EXEMPT_EVERY``: a position-weighted sum of the sequence's token ids
+    modulo 10, so the same sequences in every MoE layer and in every parallel layout (the model computes it once
+    per forward from ``input_ids (B, T)`` and hands it to each layer)."""
+    weights = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+    return (input_ids.long() * weights).sum(dim=1) % DROP_EXEMPT_EVERY == 0
+
+
 def drop_exempt_sequences(topk_idx: torch.Tensor, batch: int) -> torch.Tensor:
     """(B,) bool: the sequences whose token copies are never dropped, about 1 in ``DROP_EXEMPT_EVERY``.
 
@@ -278,8 +287,10 @@ class MoE(nn.Module):
         self.capacity_factor = None
         """Device-level token dropping in training (``moe.capacity_factor``, set by :func:`set_token_dropping`)."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x (B, T, H) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert (before dropping),
+    def forward(self, x: torch.Tensor, exempt: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, T, H), exempt (B,) bool or None (sequences never dropped: ``exempt_sequences``, given by the model;
+        None = a choice from this layer's routing, ``drop_exempt_sequences``) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert (before dropping),
         "seq_aux", "expert_aux", "device_aux", "comm_aux": () unweighted balance terms (``balance_losses``;
         ``pretrain.loss.BALANCE_TERMS`` names each term's weight), "dropped": () token copies dropped}``."""
         B, T, H = x.shape
@@ -287,7 +298,9 @@ class MoE(nn.Module):
         topk_idx, topk_weight, scores = self.gate(flat)
         keep = None
         if self.training and self.capacity_factor is not None:  # never in evaluation
-            exempt = drop_exempt_sequences(topk_idx, B).repeat_interleave(T)  # (N,)
+            if exempt is None:
+                exempt = drop_exempt_sequences(topk_idx, B)
+            exempt = exempt.repeat_interleave(T)  # (N,)
             keep = device_capacity_keep(scores.detach().gather(1, topk_idx), topk_idx, exempt,
                                         self.gate.num_experts, self.n_group, self.capacity_factor)
         y = self.experts(flat, topk_idx, topk_weight, keep).view(B, T, H)

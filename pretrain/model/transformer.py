@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.model.attention import build_attention, document_starts
 from pretrain.model.head import IGNORE_INDEX, LMHead
 from pretrain.model.layers import MLP, RMSNorm, RotaryEmbedding
-from pretrain.model.moe import MoE, GroupedExperts, Router
+from pretrain.model.moe import MoE, GroupedExperts, Router, exempt_sequences
 
 
 @dataclass
@@ -91,11 +91,12 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if use_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None, cache=None):
-        """h (B, T, H), document_ids (B, T) or None, cache: this layer's KV cache or None (decoding)
-        -> (h (B, T, H), MoE stats dict or None for a dense FFN)."""
+                document_ids: torch.Tensor | None = None, cache=None, exempt: torch.Tensor | None = None):
+        """h (B, T, H), document_ids (B, T) or None, cache: this layer's KV cache or None (decoding), exempt (B,)
+        sequences never token-dropped (``moe.exempt_sequences``) -> (h (B, T, H), MoE stats dict or None)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, document_ids=document_ids, cache=cache)
-        out = self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        out = self.mlp(x, exempt) if isinstance(self.mlp, MoE) else self.mlp(x)
         stats = None
         if isinstance(out, tuple):
             out, stats = out
@@ -117,11 +118,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None, cache=None):
+                document_ids: torch.Tensor | None = None, cache=None, exempt: torch.Tensor | None = None):
         """h_prev, emb (B, T, H), cache: this module's KV cache or None (MTP drafts while decoding)
         -> (h (B, T, H) before the output norm, MoE stats or None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, document_ids, cache)
+        return self.block(h, cos, sin, document_ids, cache, exempt)
 
 
 class DeepSeekModel(nn.Module):
@@ -207,12 +208,13 @@ class DeepSeekModel(nn.Module):
                             else torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0))
         h = self.embed_tokens(input_ids) if hidden_states is None else hidden_states
         cos, sin = self.rotary(position_ids, h.dtype)
+        exempt = exempt_sequences(input_ids) if self.training else None  # token dropping (V2), training only
         stats = []
         for i, layer in self.blocks():
             if cache is not None:  # decoding: no checkpointing, the layer's cache is updated in place
                 h, s = layer(h, cos, sin, document_ids, cache[i])
             else:
-                h, s = self._run(layer, h, cos, sin, document_ids)
+                h, s = self._run(layer, h, cos, sin, document_ids, None, exempt)
             stats.append(s)
         if self.norm is None:  # a pipeline stage before the last
             return self._collect_moe_stats(ModelOutput(hidden_states=h), stats, h)
@@ -224,7 +226,7 @@ class DeepSeekModel(nn.Module):
             # Depth k sees the embedding of token i+k and predicts token i+k+1 = labels[i+k]. Rolling wraps the
             # last k positions; causal attention keeps them from the others and their labels are ignored.
             emb = self.embed_tokens(torch.roll(input_ids, -k, dims=1))
-            h, s = self._run(module, h, emb, cos, sin, document_ids)
+            h, s = self._run(module, h, emb, cos, sin, document_ids, None, exempt)
             stats.append(s)
             out.mtp_losses.append(self.head_loss(module.norm(h), mtp_labels(labels, k, document_ids))[0])
         return self._collect_moe_stats(out, stats, h)
