@@ -9,6 +9,10 @@ with ``gather_pipeline_state_dict`` below, the same code that merges pipeline st
 pipeline layer files these hold the module's weights (bf16 under bf16 training), not the fp32 master copies.
 
 Nothing here imports DeepSpeed: exporting a checkpoint merges its files with plain ``torch.load``.
+
+``split_dims`` is the partition plan seen from the state dict (which dim of a tensor TP and EP split), used by the
+layout-free checkpoint format (``pretrain.checkpoint_format``) to place a rank's slice in the full tensor and by
+the offline converter to cut a checkpoint for a layout no process of which is running.
 """
 from __future__ import annotations
 
@@ -27,6 +31,41 @@ def expert_parameter_names(module: nn.Module) -> set[str]:
     """State-dict names of the expert-parallel (rank-local) expert weights in ``module``."""
     return {f"{name}.{p}" for name, m in module.named_modules() if isinstance(m, ExpertParallelExperts)
             for p, _ in m.named_parameters(recurse=False)}
+
+
+# parallel/tensor.py's plan by state-dict name: column-parallel layers split dim 0 (weight and bias), row-parallel
+# ones dim 1 of the weight (their bias is replicated), the vocabulary-parallel embedding and head dim 0.
+_TP_COLUMN = re.compile(r"(^|\.)(q_proj|q_b_proj|k_proj|v_proj|kv_b_proj|gate_proj|up_proj)\.(weight|bias)$"
+                        r"|^(embed_tokens|lm_head)\.weight$")
+_TP_ROW = re.compile(r"(^|\.)(o_proj|down_proj)\.weight$")
+_ROUTED_EXPERTS = re.compile(r"(^|\.)experts\.[^.]+$")  # stacked (E, ...) routed-expert weights, no ".weight"
+
+
+def split_dims(name: str) -> tuple[int | None, int | None]:
+    """(dim TP splits, dim EP splits) of the plain model's tensor ``name``; None = not split by that axis.
+
+    Routed experts are split only over EP (dim 0, whole experts); they are replicated over TP."""
+    if _ROUTED_EXPERTS.search(name):
+        return None, 0
+    if _TP_COLUMN.search(name):
+        return 0, None
+    if _TP_ROW.search(name):
+        return 1, None
+    return None, None
+
+
+def slice_box(name: str, full_shape, tp: int, tp_rank: int, ep: int, ep_rank: int) -> tuple[list, list]:
+    """(offsets, shape) of the slice of tensor ``name`` (full shape ``full_shape``) a rank at (tp_rank, ep_rank)
+    holds in a layout of degrees tp, ep: contiguous equal chunks, as ``parallel.tensor._shard`` and
+    ``parallel.expert`` cut them."""
+    offsets, shape = [0] * len(full_shape), list(full_shape)
+    for dim, degree, coord in zip(split_dims(name), (tp, ep), (tp_rank, ep_rank)):
+        if dim is not None and degree > 1:
+            if shape[dim] % degree:
+                raise ValueError(f"{name}: dim {dim} of size {shape[dim]} does not split over {degree} ranks")
+            shape[dim] //= degree
+            offsets[dim] = coord * shape[dim]
+    return offsets, shape
 
 
 def needs_model_shards(cfg) -> bool:

@@ -1,4 +1,6 @@
-"""Checkpoints of a run directory: save, automatic resume, and loading the weights back for export.
+"""Checkpoints of a run directory: save (sync or async), automatic resume on any layout, loading the weights back
+for export, and offline conversion (``python -m pretrain.checkpoint convert --input STEP_DIR --output DIR
+[--layout tp=N,pp=N,ep=N]``).
 
 Layout of ``train.output_dir``::
 
@@ -6,8 +8,10 @@ Layout of ``train.output_dir``::
     tokenizer.model             copy of the sentencepiece model the data was built with (when known)
     latest                      name of the newest *complete* checkpoint (written last, atomically, by rank 0)
     step_0000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_R_mp_rank_00_optim_states.pt   DeepSpeed engine state
-        trainer_state.json      step, samples consumed, tokens seen, schedule state, loss window, data fingerprint
+        mp_rank_00_model_states.pt, zero_pp_rank_R_mp_rank_00_optim_states.pt   DeepSpeed engine state (sync saves)
+        state/                  layout-free state: fp32 masters + Adam moments by parameter name (checkpoint_format)
+        trainer_state.json      step, samples consumed, tokens seen, schedule state, loss window, data fingerprint,
+                                the layout it was saved in (tp, pp, ep, dp, ZeRO stage, precision)
         rng_rank_00000.pt ...   RNG states (python, numpy, torch, cuda) of every rank (tensors and lists only)
         config.yaml             resolved config (the architecture check and export read it)
         checksums.json          sha256 of every other file of the directory; written last: marks it complete
@@ -20,6 +24,11 @@ point, and a save that failed on any rank fails on every rank with one message. 
 with ``train.checkpoint_fallback``, takes the newest older checkpoint that verifies. Directories without
 ``checksums.json`` (a crashed save) are never resumed from and are deleted at the next successful save.
 The ``latest`` format (the tag on one line) is DeepSpeed's own, so ``zero_to_fp32`` reads our run directories.
+
+Resume in the saved layout with DeepSpeed's files present uses DeepSpeed's loader; any other resume (another tp,
+pp, ep, dp, ZeRO stage or precision; an async or converted checkpoint) loads the layout-free state, resharding it
+(``pretrain.checkpoint_format``). ``train.async_save`` snapshots that state to host memory and writes it in a
+background thread (``_BackgroundSave``); the same all-gather of write results then publishes ``latest``.
 """
 from __future__ import annotations
 
@@ -38,7 +47,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from parallel.topology import Topology
 from pretrain import faults
+from pretrain.checkpoint_format import (INDEX, STATE_DIR, StateReader, describe, layout_of, load_into_engine,
+                                        merge_index, snapshot, write_snapshot)
 from pretrain.config import Config, ConfigError, load_config, save_config
 
 STATE_FILE = "trainer_state.json"
@@ -85,12 +97,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_gather(obj) -> list:
+def _all_gather(obj, group=None) -> list:
     """Every rank's ``obj`` (pickled by torch.distributed between our own ranks only)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -186,50 +198,153 @@ def verify_checksums(step_dir: Path, collective: bool = True) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- save
 
-def _save_files(engine, cfg: Config, state: TrainState, schedule_state: dict, step_dir: Path) -> None:
-    """This rank's part of a checkpoint (DeepSpeed's engine files, RNG; rank 0: state and config)."""
+def async_enabled(cfg: Config) -> bool:
+    """``train.async_save``; null = on when training on CUDA (see its docstring)."""
+    flag = cfg.train.async_save
+    return torch.cuda.is_available() if flag is None else flag
+
+
+def _trainer_state(cfg: Config, state: TrainState, schedule_state: dict, engine_files: bool) -> str:
+    layout = layout_of(cfg, _world())
+    extra = {"schedule": schedule_state, "dp_size": layout["dp"], "layout": layout, "engine_files": engine_files}
+    return json.dumps({**asdict(state), **extra}, indent=1)
+
+
+def _save_engine_files(engine, cfg: Config, state: TrainState, step_dir: Path) -> None:
+    """DeepSpeed's engine files and, for tp/ep > 1 without pipeline stages, our model shards (sync saves only)."""
     engine.save_checkpoint(str(step_dir.parent), tag=step_dir.name, save_latest=False)
     if faults.active("crash_in_save", state.step, _rank()):
         os.kill(os.getpid(), signal.SIGKILL)
-    rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
-    if faults.active("enospc_in_save", state.step, _rank()):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rng_file))
-    torch.save(_rng_state(), rng_file)
     from parallel.shards import needs_model_shards, save_model_shards
     if needs_model_shards(cfg):  # ZeRO's merge cannot rebuild TP/EP shards: export reads these instead
         save_model_shards(engine.module, cfg, step_dir)
+
+
+def _write_rank_files(snap, rng: dict, texts: dict, cfg: Config, step: int, step_dir: Path) -> tuple[dict, list]:
+    """This rank's own files (layout-free slices, RNG; rank 0: trainer state and config); returns (index entries,
+    names written)."""
+    entries = write_snapshot(snap, step_dir / STATE_DIR)
+    if faults.active("crash_in_save", step, _rank()) and async_enabled(cfg):
+        os.kill(os.getpid(), signal.SIGKILL)  # the background writer dies half-way
+    rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
+    if faults.active("enospc_in_save", step, _rank()):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rng_file))
+    torch.save(rng, rng_file)
+    written = [rng_file.name] + [f"{STATE_DIR}/{snap.file}"] * bool(entries)
     if _rank() == 0:
         save_config(cfg, step_dir / "config.yaml")
-        extra = {"schedule": schedule_state, "dp_size": getattr(engine, "dp_world_size", 1)}
-        (step_dir / STATE_FILE).write_text(json.dumps({**asdict(state), **extra}, indent=1))
+        for name, text in texts.items():
+            (step_dir / name).write_text(text)
+        written += ["config.yaml", *texts]
+    return entries, written
 
 
-def save_checkpoint(engine, cfg: Config, state: TrainState, schedule_state: dict) -> Path:
-    """Collective: every rank writes its engine shard and RNG state; then checksums, then rank 0 publishes
-    ``latest``. A write error on any rank (disk full, ...) raises CheckpointError on every rank, naming the ranks;
-    ``latest`` keeps naming the previous checkpoint."""
-    run_dir = Path(cfg.train.output_dir)
-    step_dir = run_dir / tag_for(state.step)
-    if _rank() == 0 and step_dir.is_dir() and read_latest(run_dir) != step_dir.name:
-        shutil.rmtree(step_dir)  # left behind by a save that crashed: start it afresh
-    _barrier()
-    error = None
-    try:
-        # save_latest=False: DeepSpeed would write `latest` before the other ranks are known to be done.
-        _save_files(engine, cfg, state, schedule_state, step_dir)
-    except OSError as e:
-        error = f"{type(e).__name__}: {e}"
-    errors = {r: e for r, e in enumerate(_all_gather(error)) if e}  # also the barrier: every rank has written
+def _publish(results: list, step_dir: Path, cfg: Config, adam_step) -> None:
+    """After every rank reported (``results``: per rank (error, index entries, {file: sha256} or None)): raise one
+    CheckpointError naming the failed ranks, else rank 0 writes the index, ``checksums.json`` (when the ranks
+    hashed their own files) and ``latest``."""
+    run_dir = step_dir.parent
+    errors = {r: res[0] for r, res in enumerate(results) if res[0]}
     if errors:
         detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items()))
         raise CheckpointError(f"saving checkpoint {step_dir} failed on rank(s) {sorted(errors)} ({detail}); "
                               f"`latest` still names {read_latest(run_dir)}, the resume point; free space and "
                               f"restart")
-    write_checksums(step_dir)
-    _barrier()
+    if _rank() == 0:
+        index = merge_index([res[1] for res in results], layout_of(cfg, _world()), adam_step)
+        _atomic_write(step_dir / STATE_DIR / INDEX, json.dumps(index, indent=1))
+    if results[0][2] is None:  # synchronous: hash the directory collectively
+        _barrier()
+        write_checksums(step_dir)
+        _barrier()
+    elif _rank() == 0:
+        sums = {k: v for res in results for k, v in res[2].items()}
+        sums[f"{STATE_DIR}/{INDEX}"] = _sha256(step_dir / STATE_DIR / INDEX)
+        _atomic_write(step_dir / CHECKSUMS, json.dumps({"sha256": dict(sorted(sums.items()))}, indent=1))
     if _rank() == 0:
         _atomic_write(run_dir / "latest", step_dir.name)
         prune_checkpoints(run_dir, cfg.train.keep_last)
+
+
+class _BackgroundSave:
+    """The writer thread of an async save; ``wait`` joins it and raises its error (on every rank)."""
+
+    group = None  # a gloo group of all ranks for the writer's all-gather, apart from the training's collectives
+
+    def __init__(self, step_dir: Path, cfg: Config, work):
+        import threading
+        if _BackgroundSave.group is None and dist.is_initialized():
+            _BackgroundSave.group = dist.new_group(backend="gloo")  # collective: every rank saves at this step
+        self.step_dir, self.error = step_dir, None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work(self.group)
+        except CheckpointError as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 (reported by the training thread at its next save)
+            self.error = CheckpointError(f"saving checkpoint {self.step_dir}: {type(e).__name__}: {e}")
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+_pending: _BackgroundSave | None = None
+
+
+def wait_for_pending_save() -> None:
+    """Block until the background save in flight (if any) has published ``latest``; raise its error."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending.wait()
+
+
+def save_checkpoint(engine, cfg: Config, state: TrainState, schedule_state: dict) -> Path:
+    """Collective: every rank writes its files; then checksums, then rank 0 publishes ``latest``. A write error on
+    any rank (disk full, ...) raises CheckpointError on every rank, naming the ranks; ``latest`` keeps naming the
+    previous checkpoint. With ``train.async_save`` this returns once the state is in host memory; the files,
+    checksums and ``latest`` follow in a background thread (errors surface at the next save or
+    ``wait_for_pending_save``)."""
+    global _pending
+    wait_for_pending_save()
+    run_dir = Path(cfg.train.output_dir)
+    step_dir = run_dir / tag_for(state.step)
+    if _rank() == 0 and step_dir.is_dir() and read_latest(run_dir) != step_dir.name:
+        shutil.rmtree(step_dir)  # left behind by a save that crashed: start it afresh
+    _barrier()
+    topo = Topology.from_config(cfg, _world(), _rank())
+    snap = snapshot(engine, cfg, topo)  # collective (ZeRO fragments); host memory
+    background = async_enabled(cfg)
+    texts = {STATE_FILE: _trainer_state(cfg, state, schedule_state, engine_files=not background)}
+    rng = _rng_state()
+
+    def work(group, error=None):
+        entries, sums = {}, None
+        try:
+            if error is None:
+                step_dir.mkdir(parents=True, exist_ok=True)
+                entries, written = _write_rank_files(snap, rng, texts, cfg, state.step, step_dir)
+                sums = {name: _sha256(step_dir / name) for name in written} if background else None
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        # The all-gather is also the barrier: every rank has written before rank 0 publishes.
+        _publish(_all_gather((error, entries, sums), group), step_dir, cfg, snap.adam_step)
+
+    if background:
+        _pending = _BackgroundSave(step_dir, cfg, work)
+        return step_dir
+    error = None
+    try:
+        # save_latest=False: DeepSpeed would write `latest` before the other ranks are known to be done.
+        _save_engine_files(engine, cfg, state, step_dir)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    work(None, error)
     _barrier()
     return step_dir
 
@@ -316,7 +431,10 @@ def check_architecture(cfg: Config, step_dir: Path) -> None:
 def resume(engine, cfg: Config) -> TrainState:
     """Collective: load the newest verified checkpoint of ``train.output_dir`` into ``engine`` and this rank's RNG.
 
-    Returns the restored TrainState, or a fresh one when the directory holds no complete checkpoint.
+    Same layout and DeepSpeed's engine files present: DeepSpeed's loader. Otherwise (another tp/pp/ep/dp/ZeRO
+    stage/precision, or an async or converted checkpoint): the layout-free state, resharded while loading
+    (``pretrain.checkpoint_format``). Returns the restored TrainState, or a fresh one when the directory holds no
+    complete checkpoint.
     """
     run_dir = Path(cfg.train.output_dir)
     tag = select_checkpoint(cfg)
@@ -325,29 +443,43 @@ def resume(engine, cfg: Config) -> TrainState:
     step_dir = run_dir / tag
     check_architecture(cfg, step_dir)
     saved = json.loads((step_dir / STATE_FILE).read_text())
-    dp = getattr(engine, "dp_world_size", 1)
-    if cfg.parallel.zero_stage > 0 and saved.get("dp_size", dp) != dp:
-        raise CheckpointError(f"checkpoint {step_dir} was saved with data-parallel size {saved['dp_size']}, this "
-                              f"run has {dp}: ZeRO-{cfg.parallel.zero_stage} partitions the optimizer state by "
-                              f"data-parallel rank; resume with {saved['dp_size']} data-parallel ranks (the sample "
-                              f"stream does not depend on it), or convert the checkpoint to DeepSpeed's universal "
-                              f"format (ds_to_universal) first")
-    # DeepSpeed unpickles its own files (weights_only=False): they are ours, their checksums just verified.
-    load_path, _ = engine.load_checkpoint(str(run_dir), tag=tag)
-    if load_path is None:
-        raise CheckpointError(f"checkpoint {step_dir}: DeepSpeed could not load it; move it aside to start over")
-    if cfg.parallel.ep > 1 and cfg.parallel.pp == 1 and hasattr(engine.optimizer, "update_lp_params"):
-        # DeepSpeed writes the module states from data-parallel rank 0 only, so every EP rank has just loaded
-        # rank 0's experts; the ZeRO fp32 partitions hold each rank's own experts: copy them back.
-        engine.optimizer.update_lp_params()
+    layout, saved_layout = layout_of(cfg, _world()), saved.get("layout")
+    if saved.get("engine_files", True) and saved_layout in (None, layout):
+        _load_engine_files(engine, cfg, run_dir, tag)
+        same_ranks = True
+    else:
+        if saved_layout != layout and _rank() == 0:
+            print(f"[train] checkpoint {step_dir} was saved with {describe(saved_layout or {})}; this run has "
+                  f"{describe(layout)}: resharding while loading", flush=True)
+        try:
+            load_into_engine(engine, Topology.from_config(cfg, _world(), _rank()), step_dir / STATE_DIR)
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {step_dir}: {e}") from None
+        engine.global_steps, engine.global_samples = saved["step"], saved["consumed_samples"]
+        same_ranks = saved_layout == layout
     rng_file = step_dir / f"rng_rank_{_rank():05d}.pt"
-    if rng_file.is_file():  # absent when the run is resumed on more ranks than it was saved with
+    if same_ranks and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # another layout: rank r's stream has no counterpart; reseed from the step (deterministic per layout)
+        for seed in (random.seed, np.random.seed, torch.manual_seed):
+            seed(cfg.train.seed + _rank() + 1_000_003 * saved["step"])
     if _rank() == 0:
         print(f"[train] resumed from {step_dir} (step {saved['step']}, {saved['tokens_seen']:,} tokens seen)",
               flush=True)
     known = set(TrainState.__dataclass_fields__)
     return TrainState(**{k: v for k, v in saved.items() if k in known})
+
+
+def _load_engine_files(engine, cfg: Config, run_dir: Path, tag: str) -> None:
+    """DeepSpeed's loader, for a checkpoint of this very layout."""
+    # DeepSpeed unpickles its own files (weights_only=False): they are ours, their checksums just verified.
+    load_path, _ = engine.load_checkpoint(str(run_dir), tag=tag)
+    if load_path is None:
+        raise CheckpointError(f"checkpoint {run_dir / tag}: DeepSpeed could not load it; move it aside to start over")
+    if cfg.parallel.ep > 1 and cfg.parallel.pp == 1 and hasattr(engine.optimizer, "update_lp_params"):
+        # DeepSpeed writes the module states from data-parallel rank 0 only, so every EP rank has just loaded
+        # rank 0's experts; the ZeRO fp32 partitions hold each rank's own experts: copy them back.
+        engine.optimizer.update_lp_params()
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
@@ -395,7 +527,9 @@ def load_model_from_checkpoint(path: str | os.PathLike, trust_unverified: bool =
     cfg = load_config(run_dir / tag / "config.yaml")
     model = build_model(cfg.model)
     from parallel.shards import gather_pipeline_state_dict, is_pipeline_checkpoint
-    if is_pipeline_checkpoint(run_dir / tag):  # pp > 1, or tp/ep > 1 (parallel/shards.py): shards merged
+    if (run_dir / tag / STATE_DIR / INDEX).is_file():  # the layout-free fp32 masters, any layout
+        state = StateReader(run_dir / tag / STATE_DIR).state_dict()
+    elif is_pipeline_checkpoint(run_dir / tag):  # pp > 1, or tp/ep > 1 (parallel/shards.py): shards merged
         state = gather_pipeline_state_dict(run_dir / tag, model)
     else:
         state = consolidated_state_dict(run_dir, tag)
@@ -451,3 +585,85 @@ def load_init_weights(model: torch.nn.Module, cfg: Config) -> None:
     if _rank() == 0:
         print(f"[train] initialised from {path} (fresh optimizer, schedule and data stream)", flush=True)
 
+
+# ------------------------------------------------------------------------------------- offline conversion
+
+def parse_layout(text: str | None) -> dict:
+    """'tp=2,pp=1,ep=4' -> {'tp': 2, 'pp': 1, 'ep': 4} (missing degrees are 1)."""
+    layout = {"tp": 1, "pp": 1, "ep": 1}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in layout or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--layout {text!r}: expected tp=N,pp=N,ep=N with positive integers")
+        layout[key.strip()] = int(value)
+    return layout
+
+
+def convert_checkpoint(step_dir: str | os.PathLike, output: str | os.PathLike, layout: dict) -> Path:
+    """Single process, no process group: the layout-free state of ``step_dir`` cut for ``layout`` (tp/pp/ep) into
+    the run directory ``output`` (its step directory, ``latest`` and config); a run started there in that layout
+    (any dp, ZeRO stage) resumes from it. Returns the new step directory."""
+    from dataclasses import replace
+
+    from parallel.topology import check_pipeline_layout
+    from pretrain.checkpoint_format import write_layout
+
+    step_dir, output = Path(step_dir), Path(output)
+    if not (step_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{step_dir}: not a step_NNNNNNN checkpoint directory (no {STATE_FILE})")
+    problems = verify_checksums(step_dir, collective=False)
+    if problems:
+        raise CheckpointError(f"{problems[0]}; convert only an intact checkpoint")
+    reader = StateReader(step_dir / STATE_DIR)
+    cfg = load_config(step_dir / "config.yaml")
+    keep = cfg.parallel.pipeline_layout if cfg.parallel.pipeline_layout and len(
+        cfg.parallel.pipeline_layout) == layout["pp"] else None
+    cfg = replace(cfg, parallel=replace(cfg.parallel, **layout, pipeline_layout=keep))
+    bounds = [0, cfg.model.num_hidden_layers]
+    if layout["pp"] > 1:
+        from parallel.pipeline import stage_bounds
+        from pretrain.model import build_model
+        check_pipeline_layout(cfg)
+        with torch.device("meta"):
+            bounds = stage_bounds(build_model(cfg.model), cfg)
+    out_step = output / step_dir.name
+    if out_step.exists():
+        raise FileExistsError(f"{out_step} exists; choose an empty --output directory")
+    index = write_layout(reader, out_step / STATE_DIR, layout["tp"], layout["ep"], bounds)
+    (out_step / STATE_DIR / INDEX).write_text(json.dumps(index, indent=1))
+    saved = json.loads((step_dir / STATE_FILE).read_text())
+    saved.update(layout={**layout, "dp": None, "zero_stage": cfg.parallel.zero_stage,
+                         "precision": cfg.train.precision}, engine_files=False)
+    (out_step / STATE_FILE).write_text(json.dumps(saved, indent=1))
+    save_config(cfg, out_step / "config.yaml")
+    save_config(cfg, output / "config.yaml")
+    if (step_dir.parent / "tokenizer.model").is_file():
+        shutil.copyfile(step_dir.parent / "tokenizer.model", output / "tokenizer.model")
+    write_checksums(out_step)
+    _atomic_write(output / "latest", out_step.name)
+    return out_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.checkpoint", description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="cut a checkpoint's layout-free state for another layout (offline)")
+    c.add_argument("--input", required=True, help="a step_NNNNNNN directory (or a run directory: its latest)")
+    c.add_argument("--output", required=True, help="a new run directory")
+    c.add_argument("--layout", default=None, help="tp=N,pp=N,ep=N (default: tp=1,pp=1,ep=1, whole tensors)")
+    args = p.parse_args(argv)
+    try:
+        run_dir, tag = resolve_checkpoint(args.input)
+        out = convert_checkpoint(run_dir / tag, args.output, parse_layout(args.layout))
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    print(f"[checkpoint] {run_dir / tag} -> {out} ({args.layout or 'tp=1,pp=1,ep=1'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -218,6 +218,11 @@ class TrainConfig:
     checkpoint_fallback: bool = False
     """On resume, a corrupt checkpoint (sha256 manifest mismatch) or a bad `latest` falls back to the newest older
     complete checkpoint instead of stopping with an error naming the file (docs/RELIABILITY.md)."""
+    async_save: bool | None = None
+    """Checkpoint in the background: the step pays for a copy of the state to host memory, a thread writes the
+    files and `latest` moves once every rank's files are complete. It writes only the layout-free state (no
+    DeepSpeed engine files: zero_to_fp32 and pretrain.generate's tp/ep shard loading need async_save=false).
+    null = on when training on CUDA, off on CPU (docs/RELIABILITY.md)."""
     dist_timeout_s: float = 1800.0
     """Process-group timeout for start-up and the first step: a rank stuck in a collective ends the job."""
     step_timeout_s: float | None = None

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain import faults
-from pretrain.checkpoint import CheckpointError, TrainState, resume, save_checkpoint, write_run_files
+from pretrain.checkpoint import (CheckpointError, TrainState, resume, save_checkpoint, wait_for_pending_save,
+                                 write_run_files)
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
 from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, total_loss
@@ -432,6 +433,8 @@ def truncate_metrics_log(run_dir: Path, resumed_step: int) -> None:
 def maybe_checkpoint(run: Run, step: int, force: bool) -> None:
     if force or step % run.cfg.train.save_interval == 0:
         save_checkpoint(run.engine, run.cfg, run.state, run.schedule_state)
+    if force:  # the last step or a preemption: the process exits next, so an async save must finish first
+        wait_for_pending_save()
 
 
 # ------------------------------------------------------------------------------------------------- loop
