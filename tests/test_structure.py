@@ -237,6 +237,8 @@ def test_preflight_ok_and_resolves_the_vocabulary(tmp_path):
     (["--world-size", "2", "parallel.tp=2", "model.num_attention_heads=3"], "num_attention_heads"),
     (["--world-size", "2", "data.paths=[/nonexistent/shards]"], "data.paths: /nonexistent/shards"),
     (["--world-size", "2", "data.reset_attention_at_eos=true"], "record no eos id"),
+    (["--world-size", "2", "parallel.ep=2", "parallel.zero_stage=0", "train.precision=bf16"],
+     "use parallel.zero_stage=1"),
 ])
 def test_preflight_errors_are_one_line(data_dir, args, message, capsys):
     from pretrain.preflight import main
