@@ -8,6 +8,7 @@
 #                   launcher and CUDA_VISIBLE_DEVICES set, one process per visible GPU instead
 #   CONFIG          preset name or YAML path (default: tiny)
 #   MASTER_PORT     rendezvous port (default 29500)
+#   MODULE          the trainer (default pretrain.train; posttrain.sft, posttrain.rm, posttrain.dpo)
 #   arguments       config overrides, section.key=value
 # Communication knobs and signal handling: see env.sh.
 set -euo pipefail
@@ -17,6 +18,9 @@ LAUNCHER=${LAUNCHER:-deepspeed}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 CONFIG=${CONFIG:-tiny}
 MASTER_PORT=${MASTER_PORT:-29500}
+MODULE=${MODULE:-pretrain.train}
+# posttrain.* read jsonl, not shards: they run their own checks on every rank, before any process group.
+[ "$MODULE" = pretrain.train ] || PREFLIGHT=0
 
 case "$LAUNCHER" in deepspeed | torchrun) ;; *)
     echo "LAUNCHER=$LAUNCHER: use deepspeed or torchrun" >&2; exit 2 ;;
@@ -34,10 +38,10 @@ case "$LAUNCHER" in
         fi
         # LOCAL_RANK is in the environment: no --local_rank argument.
         run deepspeed "${DEVICES[@]}" --master_port "$MASTER_PORT" --no_local_rank \
-            --module pretrain.train --config "$CONFIG" "$@" ;;
+            --module "$MODULE" --config "$CONFIG" "$@" ;;
     torchrun)
         run torchrun --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" --master_addr 127.0.0.1 \
-            --master_port "$MASTER_PORT" -m pretrain.train --config "$CONFIG" "$@" ;;
+            --master_port "$MASTER_PORT" -m "$MODULE" --config "$CONFIG" "$@" ;;
     *)
         echo "LAUNCHER=$LAUNCHER: use deepspeed or torchrun" >&2; exit 2 ;;
 esac

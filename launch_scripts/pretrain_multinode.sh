@@ -12,6 +12,7 @@
 #
 #   NPROC_PER_NODE  processes per node (default: the GPUs present, else 2 on a CPU)
 #   CONFIG          preset name or YAML path (default: tiny)
+#   MODULE          the trainer (default pretrain.train; posttrain.sft, posttrain.rm, posttrain.dpo)
 #   arguments       config overrides, section.key=value
 # Communication knobs and signal handling: see env.sh. The run directory (train.output_dir) must be on a
 # filesystem every node sees: checkpoints are written by all ranks.
@@ -21,7 +22,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 CONFIG=${CONFIG:-tiny}
 MASTER_PORT=${MASTER_PORT:-29500}
-TRAIN=(--module pretrain.train --config "$CONFIG" "$@")
+MODULE=${MODULE:-pretrain.train}
+[ "$MODULE" = pretrain.train ] || PREFLIGHT=0  # posttrain.* check their jsonl data on every rank
+TRAIN=(--module "$MODULE" --config "$CONFIG" "$@")
 
 if [ -z "${NODE_RANK:-}" ]; then
     # Way 1: one command for the whole cluster, over ssh.
@@ -38,7 +41,7 @@ preflight "$((NNODES * NPROC_PER_NODE))" "$CONFIG" "$@"
 case "${LAUNCHER:-torchrun}" in
     torchrun)
         run torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m pretrain.train --config "$CONFIG" "$@" ;;
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m "$MODULE" --config "$CONFIG" "$@" ;;
     deepspeed)
         if [ -z "${HOSTFILE:-}" ]; then
             # --no_ssh only needs the slot counts in node order; the names are labels.

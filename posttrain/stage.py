@@ -101,7 +101,10 @@ class PosttrainObjective(Objective):
         from pretrain.preflight import Preflight, check_reliability_config
         from pretrain.schedule import validate_schedule
 
+        from pretrain.train import check_pipeline_support
+
         validate(cfg)
+        check_pipeline_support(cfg, self)  # before the layout: one line even on one process
         topo = Topology.from_config(cfg, world_size, rank)
         if not cfg.data.paths:
             raise ConfigError(f"data.paths is empty: give the {self.stage} .jsonl files")

@@ -190,6 +190,12 @@ class Objective:
         return loss, parts, out
 
 
+def check_pipeline_support(cfg: Config, objective: Objective) -> None:
+    if cfg.parallel.pp > 1 and not objective.pipeline:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: {type(objective).__name__} needs more than labels on the "
+                          f"last pipeline stage; use parallel.pp=1 (tp, ep and dp work)")
+
+
 def setup(cfg: Config, objective: Objective | None = None) -> Run:
     """Validate, start the process group, build model/engine/data/metrics, resume if a checkpoint exists."""
     from parallel import initialize_parallel
@@ -200,10 +206,8 @@ def setup(cfg: Config, objective: Objective | None = None) -> Run:
     objective = objective or Objective()
     rank, local_rank, world_size = launcher_env()
     # Everything a user can get wrong is checked before any process group work (pretrain.preflight).
+    check_pipeline_support(cfg, objective)
     checked = objective.preflight(cfg, world_size, rank)
-    if cfg.parallel.pp > 1 and not objective.pipeline:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: {type(objective).__name__} needs more than labels on the "
-                          f"last pipeline stage; use parallel.pp=1 (tp, ep and dp work)")
     topo, fingerprint, tokenizer = checked.topo, checked.fingerprint, checked.tokenizer
 
     device = init_distributed(local_rank, cfg.train.dist_timeout_s)

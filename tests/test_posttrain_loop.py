@@ -1,0 +1,137 @@
+"""posttrain.sft / rm / dpo end to end on the pretraining loop: train.init_from, the layouts (dp2, tp2, dp2-ep2)
+give the single-process losses, exact resume, pipeline refusal. Each run is a few seconds of the tiny preset."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers import losses, run_checked, torchrun, trained_tokenizer
+
+STEPS = 3
+METRICS = {"sft": ("loss", "lm_loss", "mtp_loss"), "rm": ("loss", "rm/accuracy", "rm/margin"),
+           "dpo": ("loss", "rewards/margins", "logps/chosen", "logps/rejected")}
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from posttrain.arithmetic import write
+    out = tmp_path_factory.mktemp("chat")
+    shutil.copy(trained_tokenizer(500), out / "tok.model")  # 500 + 3 chat pieces fit the tiny preset's 512
+    return {**write(out, 64, 8), "tokenizer": str(out / "tok.model")}
+
+
+def posttrain(stage, out, chat_data, *overrides, nproc=1, check=True):
+    data = chat_data["sft" if stage == "sft" else "prefs"]
+    args = ["-m", f"posttrain.{stage}", "--config", "tiny", f"data.paths=[{data}]", f"train.output_dir={out}",
+            f"data.tokenizer={chat_data['tokenizer']}", f"train.steps={STEPS}", "train.log_interval=1",
+            "train.global_batch_size=4", *overrides]
+    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
+                       check=check)
+
+
+@pytest.fixture(scope="module")
+def old_run(reference, tmp_path_factory):
+    """The shared 3-step pretraining run (conftest ``reference``): its run directory."""
+    return next(tmp_path_factory.getbasetemp().glob("ref*/run/latest")).parent
+
+
+@pytest.mark.slow
+def test_init_from_continues_where_the_run_ended(old_run, data_dir, tmp_path):
+    """A new phase from a run's weights: its first step's lm_loss is the old weights' loss on that batch."""
+    from data_pipeline.dataset import SampleStream, build_dataset
+    from helpers import train
+    from pretrain.checkpoint import load_model_from_checkpoint
+    from pretrain.config import load_config
+    from pretrain.schedule import total_samples
+
+    first = train(tmp_path / "phase2", data_dir, 1, f"train.init_from={old_run}", "train.steps=2")[0]
+    model, _, _ = load_model_from_checkpoint(old_run)
+    cfg = load_config("tiny", [f"data.paths=[{data_dir}]", "train.steps=2"])
+    stream = SampleStream(build_dataset(cfg.data.paths, None, cfg.data.seq_length, cfg.train.seed,
+                                        total_samples(cfg)), 0, 1, cfg.train.micro_batch_size)
+    with torch.no_grad():
+        expected = [float(model(t[:, :-1], labels=t[:, 1:]).lm_loss) for t in stream.next_batch(8)]
+    assert first["lm_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_init_from_refuses_another_architecture(old_run):
+    from pretrain.checkpoint import load_init_weights
+    from pretrain.config import ConfigError, load_config
+    from pretrain.model import build_model
+
+    cfg = load_config("tiny", [f"train.init_from={old_run}", "model.moe_intermediate_size=16"])
+    with pytest.raises(ConfigError, match=r"^model.moe_intermediate_size=16 but train.init_from=.* was trained "
+                                          r"with 32"):
+        load_init_weights(build_model(cfg.model), cfg)
+
+
+@pytest.fixture(scope="module")
+def single(chat_data, tmp_path_factory):
+    """The single-process runs of the three stages (fp32): their metrics."""
+    root = tmp_path_factory.mktemp("single")
+    return {stage: losses(posttrain(stage, root / stage, chat_data) and root / stage) for stage in METRICS}
+
+
+def _close(a: list, b: list, names, rel=2e-4):
+    assert len(a) == len(b) == STEPS
+    for ra, rb in zip(a, b):
+        for n in names:
+            assert ra[n] == pytest.approx(rb[n], rel=rel, abs=1e-5), (n, ra, rb)
+
+
+@pytest.mark.slow
+def test_stages_learn_on_one_process(single):
+    assert single["sft"][-1]["lm_loss"] < single["sft"][0]["lm_loss"]
+    first = single["dpo"][0]  # policy = reference at step 1: log 2 plus alpha x the balance term
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-3)
+    assert single["dpo"][-1]["rewards/chosen"] != 0.0  # the policy moved away from the reference
+    assert {"rm/accuracy", "rm/margin"} <= set(single["rm"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.ep=2"]],
+                         ids=["dp2", "tp2", "dp2-ep2"])
+@pytest.mark.parametrize("stage", list(METRICS))
+def test_layouts_give_the_single_process_losses(stage, layout, single, chat_data, tmp_path):
+    records = losses(posttrain(stage, tmp_path / "run", chat_data, *layout, nproc=2) and tmp_path / "run")
+    _close(records, single[stage], METRICS[stage])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,extra", [("sft", ()), ("rm", ()), ("dpo", ()),
+                                         ("dpo", ("dpo.precompute_reference=true",))],
+                         ids=["sft", "rm", "dpo", "dpo-precomputed"])
+def test_resume_is_exact(stage, extra, single, chat_data, tmp_path):
+    out = tmp_path / "run"
+    posttrain(stage, out, chat_data, "train.exit_at_step=1", *extra)
+    posttrain(stage, out, chat_data, *extra)
+    _close(losses(out), single[stage], METRICS[stage], rel=1e-6)
+
+
+def test_pipeline_is_refused_in_one_line(chat_data, tmp_path):
+    proc = posttrain("dpo", tmp_path / "run", chat_data, "parallel.pp=2", check=False)
+    assert proc.returncode == 2
+    assert "error: parallel.pp=2: DPOObjective needs more than labels on the last pipeline stage" in proc.stderr
+
+
+@pytest.mark.slow
+def test_launch_script_runs_a_posttrain_module(single, chat_data, tmp_path):
+    """``MODULE=posttrain.sft launch_scripts/pretrain.sh ...``: the same run as ``python -m posttrain.sft``."""
+    import os
+    import subprocess
+
+    from helpers import free_port, launch_env
+    out = tmp_path / "run"
+    env = dict(launch_env(), MODULE="posttrain.sft", LAUNCHER="torchrun", NPROC_PER_NODE="1",
+               MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    args = [f"data.paths=[{chat_data['sft']}]", f"train.output_dir={out}", f"data.tokenizer={chat_data['tokenizer']}",
+            f"train.steps={STEPS}", "train.log_interval=1", "train.global_batch_size=4"]
+    proc = subprocess.run(["bash", "launch_scripts/pretrain.sh", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "-m posttrain.sft --config tiny" in proc.stderr
+    _close(losses(out), single["sft"], METRICS["sft"], rel=1e-6)
