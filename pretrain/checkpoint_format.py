@@ -33,6 +33,7 @@ Values are copied, never recomputed: the fp32 masters and moments after loading 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,10 +51,17 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def full_shapes(model_cfg) -> dict[str, list[int]]:
-    """Shapes of the plain model's state dict (built on the meta device: no memory)."""
+    """Shapes of the plain model's state dict (built on the meta device: no memory; once per architecture)."""
+    from dataclasses import asdict
+    return _full_shapes(json.dumps(asdict(model_cfg), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _full_shapes(model_json: str) -> dict[str, list[int]]:
+    from pretrain.config import ModelConfig
     from pretrain.model import build_model
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = build_model(ModelConfig(**json.loads(model_json)))
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
