@@ -274,6 +274,50 @@ def stage_of_layers(num_layers: int, pp: int, pipeline_layout=None) -> list[int]
     return [s for s, size in enumerate(sizes) for _ in range(size)]
 
 
+def partition_balanced(weights: list[float], num_parts: int) -> list[int]:
+    """DeepSpeed's ``runtime.utils.partition_balanced`` (the linear partition problem: contiguous parts whose
+    largest minus smallest weight is least, ties to the later cut), vectorised over the cut position; without
+    DeepSpeed's ~4 s import. Returns the num_parts + 1 part bounds over the items."""
+    import numpy as np
+
+    n, m = len(weights), num_parts
+    if n <= m:
+        return [min(p, n) for p in range(m + 1)]
+    prefix = np.zeros(n + 1)
+    prefix[1:] = np.cumsum(weights)
+    dp_max, dp_min, dp_cost = (np.full((n + 1, m + 1), np.inf) for _ in range(3))
+    position = np.zeros((n + 1, m + 1), dtype=int)
+    dp_max[0, 0] = dp_cost[0, 0] = 0
+    for i in range(1, n + 1):
+        last = prefix[i] - prefix[:i]  # weight of items k..i-1 for every cut k < i
+        for j in range(1, min(i, m) + 1):
+            hi, lo = np.maximum(dp_max[:i, j - 1], last), np.minimum(dp_min[:i, j - 1], last)
+            cost = hi - lo
+            k = i - 1 - int(np.argmin(cost[::-1]))  # the last k reaching the least cost (DeepSpeed's >=)
+            dp_cost[i, j], dp_max[i, j], dp_min[i, j], position[i, j] = cost[k], hi[k], lo[k], k
+    parts = [n]
+    for j in reversed(range(1, m + 1)):
+        parts.append(int(position[parts[-1], j]))
+    return parts[::-1]
+
+
+def pipeline_stages(cfg: Config, inv: Inventory, pp: int, tp: int = 1, ep: int = 1) -> list[int]:
+    """Pipeline stage of each layer as the trainer cuts it (``parallel.pipeline.stage_bounds``):
+    ``parallel.pipeline_layout`` if set for ``pp``, else DeepSpeed's balanced partition of this rank's parameter
+    counts over [embedding, each block, final norm + head + MTP]."""
+    m, layout = cfg.model, _pipeline_layout(cfg, pp)
+    if layout is not None or pp == 1:
+        return stage_of_layers(m.num_hidden_layers, pp, layout)
+    local = Counter()
+    for (group, kind), v in inv.items():
+        local[group if group.startswith("layer.") or group == "embed" else "tail"] += v / {
+            "tp": tp, "expert": ep}.get(kind, 1)
+    weights = [local["embed"]] + [local[f"layer.{i}"] for i in range(m.num_hidden_layers)] + [local["tail"]]
+    bounds = [min(max(p - 1, 0), m.num_hidden_layers) for p in partition_balanced(weights, pp)]
+    bounds[0], bounds[-1] = 0, m.num_hidden_layers
+    return [s for s in range(pp) for _ in range(bounds[s], bounds[s + 1])]
+
+
 def _pipeline_layout(cfg: Config, pp: int) -> list | None:
     """``parallel.pipeline_layout`` when it is for ``pp`` stages (``--pp`` may override it), else None."""
     layout = cfg.parallel.pipeline_layout
@@ -299,8 +343,9 @@ def _layer_activation_elems(m: ModelConfig, moe: bool, tp: int, selective: bool)
     s x s matrix with flash-style kernels, only an fp32 log-sum-exp per head; CPU bf16 falls back to the
     math kernel, which does), SDPA's output and o_proj's input (2 x n*v).
     SwiGLU keeps gate, up, silu(gate) and their product (4 x width, split by tp). MoE keeps the fp32
-    router input and scores, 3 k*h (dispatched tokens, expert output, weighted output) and the routed
-    experts' 4 k*I (experts are not tensor-parallel). ``selective`` recomputes MLA's per-head key/value
+    router input and scores (the router runs on every row), 3 k*h (dispatched tokens, expert output, weighted
+    output) and the routed experts' 4 k*I, for 1/tp of the token rows (``parallel.expert`` splits them over TP).
+    ``selective`` recomputes MLA's per-head key/value
     expansion with the core (as ``pretrain.model`` does): k and v are not kept; mha/gqa are unchanged."""
     h, n = m.hidden_size, m.num_attention_heads
     elems, fp32 = 4.0 * h, 2.0 * h + n / tp                           # two block norms; log-sum-exp
@@ -316,7 +361,7 @@ def _layer_activation_elems(m: ModelConfig, moe: bool, tp: int, selective: bool)
     if moe:
         k, inter = m.num_experts_per_tok, m.moe_intermediate_size
         fp32 += h + m.n_routed_experts
-        elems += 3 * k * h + 4 * k * inter + 4 * m.n_shared_experts * inter / tp
+        elems += (3 * k * h + 4 * k * inter + 4 * m.n_shared_experts * inter) / tp  # routed: 1/tp of the rows
     else:
         elems += 4 * m.intermediate_size / tp
     return elems, fp32
@@ -360,6 +405,65 @@ def _stage_activation_bytes(cfg: Config, stage: int, layers: list[int], tp: int,
     return {"saved": saved, "transient": transient}
 
 
+def stage_param_counts(inv: Inventory, layer_stage: list[int], pp: int) -> list[Counter]:
+    """Parameters of each pipeline stage by kind (``tp``, ``replicated``, ``expert``)."""
+    counts = [Counter() for _ in range(pp)]
+    for (group, kind), v in inv.items():
+        counts[_group_stage(group, layer_stage, pp)][kind] += v
+    return counts
+
+
+def _deepspeed_zero(cfg: Config) -> dict:
+    """The ``zero_optimization`` settings DeepSpeed will use (pretrain.engine sets only the stage)."""
+    zero = dict((cfg.deepspeed or {}).get("zero_optimization") or {})
+    return {"reduce_bucket_size": int(float(zero.get("reduce_bucket_size", 5e8))),
+            "overlap_comm": bool(zero.get("overlap_comm", False)),
+            "contiguous_gradients": bool(zero.get("contiguous_gradients", True))}
+
+
+def _bytes_per_value(cfg: Config) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer-state) bytes per parameter: bf16 2/2 (or fp32 accumulation 4)/12, fp32 4/4/8."""
+    wbytes = 2 if cfg.train.precision == "bf16" else 4
+    accum = (cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype")
+    gbytes = 4 if accum in ("fp32", "float32", "float") else wbytes
+    return wbytes, gbytes, 12 if wbytes == 2 else 8
+
+
+def stage_memory(cfg: Config, counts: Counter, stage: int, layers: list[int], tp: int, pp: int, ep: int,
+                 dp: int) -> dict:
+    """Bytes of one pipeline stage on one rank (see :func:`memory_per_rank`); ``counts`` from ``stage_param_counts``."""
+    z = cfg.parallel.zero_stage
+    wbytes, gbytes, obytes = _bytes_per_value(cfg)
+    dense = counts["tp"] / tp + counts["replicated"]
+    expert = counts["expert"] / ep
+    edp = dp // ep
+    row = {
+        "stage": stage,
+        "params_bytes": (dense + expert) * wbytes,
+        "grads_bytes": (dense / (dp if z >= 2 else 1) + expert / (edp if z >= 2 else 1)) * gbytes,
+        "optimizer_bytes": (dense / (dp if z >= 1 else 1) + expert / (edp if z >= 1 else 1)) * obytes,
+        # ZeRO 1/2 reduce each rank's gradient partition into an fp32 copy the optimizer steps with
+        "grad_partition_bytes": (dense / dp + expert / edp) * 4 if z >= 1 else 0,
+        "comm_buffers_bytes": _comm_buffer_bytes(cfg, dense + expert, gbytes, dp, pp),
+    }
+    acts = _stage_activation_bytes(cfg, stage, layers, tp, pp, dp)
+    row["activations_bytes"] = acts["saved"] + acts["transient"]
+    row["total_bytes"] = sum(v for k, v in row.items() if k.endswith("_bytes"))
+    return {k: (int(v) if k != "stage" else v) for k, v in row.items()}
+
+
+def _comm_buffer_bytes(cfg: Config, params: float, gbytes: int, dp: int, pp: int) -> float:
+    """DeepSpeed's gradient-reduction buffers: ZeRO 1/2 allocates ``reduce_bucket_size`` elements whatever the model
+    size (5e8 by default: 2 GB in fp32, 1 GB in bf16), twice with ``overlap_comm`` and twice under the pipeline
+    engine (its ``reduce_gradients`` adds a second one while the backward hooks' is alive); ZeRO 0 flattens up to
+    ``reduce_bucket_size`` gradients into one all-reduce buffer at the step (data parallelism only)."""
+    zero = _deepspeed_zero(cfg)
+    if cfg.parallel.zero_stage >= 1:
+        copies = (2 if zero["overlap_comm"] else 1) + (1 if pp > 1 else 0)
+        return zero["reduce_bucket_size"] * gbytes * copies * zero["contiguous_gradients"]
+    return min(zero["reduce_bucket_size"], params) * gbytes if dp > 1 else 0.0
+
+
 def memory_per_rank(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: int) -> dict:
     """Bytes per rank for the layout, max over pipeline stages, with its breakdown.
 
@@ -368,33 +472,116 @@ def memory_per_rank(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: 
     copy (bf16 only) and two fp32 moments, sharded (ZeRO >= 1) over the data-parallel group for dense
     parameters and over the expert-data-parallel group (dp / ep ranks) for routed experts; ZeRO-2 shards
     the gradients the same way. Dense parameters are split by tp (norms, router and MLA down-projections
-    replicated); routed experts by ep only."""
-    m, z = cfg.model, cfg.parallel.zero_stage
-    wbytes = 2 if cfg.train.precision == "bf16" else 4
-    accum = (cfg.deepspeed.get("data_types") or {}).get("grad_accum_dtype")
-    gbytes = 4 if accum in ("fp32", "float32", "float") else wbytes
-    obytes = 12 if wbytes == 2 else 8
-    layer_stage = stage_of_layers(m.num_hidden_layers, pp, _pipeline_layout(cfg, pp))
-    stages = []
-    for s in range(pp):
-        dense = sum(v / (tp if kind == "tp" else 1) for (g, kind), v in inv.items()
-                    if kind != "expert" and _group_stage(g, layer_stage, pp) == s)
-        expert = sum(v / ep for (g, kind), v in inv.items()
-                     if kind == "expert" and _group_stage(g, layer_stage, pp) == s)
-        edp = dp // ep
-        row = {
-            "stage": s,
-            "params_bytes": (dense + expert) * wbytes,
-            "grads_bytes": (dense / (dp if z >= 2 else 1) + expert / (edp if z >= 2 else 1)) * gbytes,
-            "optimizer_bytes": (dense / (dp if z >= 1 else 1) + expert / (edp if z >= 1 else 1)) * obytes,
-        }
-        acts = _stage_activation_bytes(cfg, s, [i for i, st in enumerate(layer_stage) if st == s], tp, pp, dp)
-        row["activations_bytes"] = acts["saved"] + acts["transient"]
-        row["total_bytes"] = sum(v for k, v in row.items() if k.endswith("_bytes"))
-        stages.append({k: (int(v) if k != "stage" else v) for k, v in row.items()})
+    replicated); routed experts by ep only. Communication buffers: DeepSpeed's gradient-reduction buckets."""
+    layer_stage = pipeline_stages(cfg, inv, pp, tp, ep)
+    counts = stage_param_counts(inv, layer_stage, pp)
+    stages = [stage_memory(cfg, counts[s], s, [i for i, st in enumerate(layer_stage) if st == s], tp, pp, ep, dp)
+              for s in range(pp)]
     worst = max(stages, key=lambda r: r["total_bytes"])
     return {"memory_per_rank_bytes": worst["total_bytes"], "memory_breakdown": worst, "memory_per_stage": stages,
-            "layout": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": tp * pp * dp, "zero_stage": z}}
+            "layout": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "world": tp * pp * dp,
+                       "zero_stage": cfg.parallel.zero_stage}}
+
+
+# ------------------------------------------------------------------------------------- bytes per rank
+
+def _ring(kind: str, p: int) -> float:
+    """Bytes on the wire per byte of payload for one rank, bandwidth-optimal (ring) algorithms."""
+    if p <= 1:
+        return 0.0
+    return 2 * (p - 1) / p if kind == "all_reduce" else (p - 1) / p
+
+
+_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+
+
+def comm_bytes_per_rank(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: int,
+                        minimum: bool = False) -> dict:
+    """Collective bytes one rank of the busiest pipeline stage sends in one training step, by kind (what
+    ``pretrain.profiling`` counts), plus ``total``; :func:`comm_bytes_by_group` says over which group."""
+    groups = comm_bytes_by_group(cfg, inv, tp, pp, ep, dp, minimum)
+    out = {k: sum(g.get(k, 0.0) for g in groups.values()) for k in _KINDS}
+    out["total"] = sum(out.values())
+    return out
+
+
+def comm_bytes_by_group(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, dp: int,
+                        minimum: bool = False, layer_stage: list[int] | None = None) -> dict:
+    """{"tp"|"ep"|"dp"|"pp": {kind: bytes}} one rank of the busiest stage sends in one step, ring algorithms
+    (``_ring``). As implemented (``minimum=False``), or the layout's analytic minimum:
+
+    - TP, per micro-batch and block: the forward all-reduces of o_proj and the FFN/shared-expert output and the
+      backward all-reduces of each column-parallel layer's input gradient (MLA: the query and key/value latents
+      and the shared RoPE key); the routed experts' rows all-gathered after the combine and their gradient
+      all-gathered in backward; the embedding's forward and each head's backward all-reduce. Full recomputation
+      repeats the forward ones. As implemented, the replicated experts' weight gradients are also summed over TP
+      per micro-batch (``parallel.expert``); the minimum reduces them once per step over TP x expert-DP instead.
+    - EP, per MoE layer and micro-batch: dispatch and combine, forward and backward, of this rank's rows' k copies,
+      the (ep - 1) / ep sent to other ranks under balanced routing.
+    - DP/ZeRO: ZeRO 0 all-reduces the gradients; ZeRO 1/2 as DeepSpeed does by default
+      (``use_multi_rank_bucket_allreduce``) all-reduces them too, then all-gathers the updated parameters; the
+      minimum is a reduce-scatter and the all-gather. ZeRO-2 reduces every micro-batch's gradients (it keeps only
+      its partition). Experts over the expert-data-parallel group (dp / ep).
+    - PP: one activation per micro-batch per stage boundary forward and its gradient backward; with MTP (or a tied
+      head) the embedding's gradient all-reduced between the first and the last stage.
+    """
+    layer_stage = layer_stage or pipeline_stages(cfg, inv, pp, tp, ep)  # ``pipeline_stages`` (the planner caches it)
+    counts = stage_param_counts(inv, layer_stage, pp)
+    rows = [_stage_comm(cfg, counts[s], s, [i for i, st in enumerate(layer_stage) if st == s], (tp, pp, ep, dp),
+                        minimum) for s in range(pp)]
+    return max(rows, key=lambda r: sum(sum(g.values()) for g in r.values()))
+
+
+def _stage_comm(cfg: Config, counts: Counter, s: int, layers: list[int], layout: tuple, minimum: bool) -> dict:
+    m, t = cfg.model, cfg.train
+    tp, pp, ep, dp = layout
+    h, tokens = m.hidden_size, t.micro_batch_size * cfg.data.seq_length
+    act = 2 if t.precision == "bf16" else 4
+    wbytes, gbytes, _ = _bytes_per_value(cfg)
+    micro = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    fwd_repeat = 2 if t.activation_checkpointing == "full" else 1
+    blocks = [_layer_is_moe(m, i) for i in layers]
+    if s == pp - 1:
+        blocks += [_layer_is_moe(m, m.num_hidden_layers - 1)] * m.num_nextn_predict_layers
+    moe_blocks = sum(blocks)
+    dense, expert = counts["tp"] / tp + counts["replicated"], counts["expert"] / ep
+    row = {"tp": {}, "ep": {}, "dp": {}, "pp": {}}
+    if tp > 1:
+        ar = sum(fwd_repeat * 2 * tokens * h + _column_input_elems(m, moe, tokens) for moe in blocks)
+        heads = 1 + m.num_nextn_predict_layers if s == pp - 1 else 0
+        ar += (tokens * h if s == 0 else 0) + heads * (tokens * h + 3 * tokens)  # embedding; head + CE
+        row["tp"]["all_reduce"] = micro * _ring("all_reduce", tp) * (ar * act + (0 if minimum else expert * gbytes))
+        row["tp"]["all_gather"] = micro * _ring("all_gather", tp) * moe_blocks * (
+            (fwd_repeat + 1) * tokens * h * act + tokens * m.num_experts_per_tok * 4)
+    if ep > 1:
+        copies = tokens / tp * m.num_experts_per_tok * moe_blocks
+        row["ep"]["all_to_all"] = micro * (2 * fwd_repeat + 2) * copies * h * act * (ep - 1) / ep
+    expert_group = dp // ep * (tp if minimum else 1)  # the minimum folds the TP sum into the expert reduction
+    reductions = micro if cfg.parallel.zero_stage == 2 else 1  # ZeRO-2 keeps no full gradient: every micro-batch
+    if cfg.parallel.zero_stage == 0 or not minimum:
+        row["dp"]["all_reduce"] = reductions * (_ring("all_reduce", dp) * dense
+                                                + _ring("all_reduce", expert_group) * expert) * gbytes
+    else:
+        row["dp"]["reduce_scatter"] = reductions * (_ring("reduce_scatter", dp) * dense
+                                                    + _ring("reduce_scatter", expert_group) * expert) * gbytes
+    if cfg.parallel.zero_stage >= 1:
+        row["dp"]["all_gather"] = (_ring("all_gather", dp) * dense
+                                   + _ring("all_gather", expert_group) * expert) * wbytes
+    if pp > 1:  # an activation forward and its gradient backward per micro-batch and boundary
+        row["pp"]["p2p"] = ((s > 0) + (s < pp - 1)) * micro * tokens * h * act
+        if (m.num_nextn_predict_layers or m.tie_word_embeddings) and s in (0, pp - 1):
+            row["pp"]["all_reduce"] = _ring("all_reduce", 2) * m.vocab_size / tp * h * gbytes
+    return row
+
+
+def _column_input_elems(m: ModelConfig, moe: bool, tokens: int) -> float:
+    """Elements of the input gradients the column-parallel layers of one block all-reduce in backward."""
+    if m.attention == "mla":
+        attn = (m.q_lora_rank or m.hidden_size) + m.kv_lora_rank + m.qk_rope_head_dim
+    else:
+        attn = 3 * m.hidden_size  # q, k and v each all-reduce their (shared) input's gradient
+    ffn = 2 * m.hidden_size if (not moe or m.n_shared_experts > 0) else 0  # gate and up
+    return tokens * (attn + ffn)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -449,6 +636,8 @@ def model_info(cfg: Config, tp: int | None = None, pp: int | None = None, ep: in
         "precision": cfg.train.precision,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         **memory_per_rank(cfg, inv, tp, pp, ep, dp),
+        "comm_bytes_per_rank": comm_bytes_per_rank(cfg, inv, tp, pp, ep, dp),  # one step, busiest stage
+        "comm_bytes_minimum": comm_bytes_per_rank(cfg, inv, tp, pp, ep, dp, minimum=True),
         **kv_cache_per_token(cfg.model, 4 if cfg.train.precision == "fp32" else 2),
     }
 
