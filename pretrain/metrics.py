@@ -138,6 +138,50 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+MEMORY_LOG_STEPS = 3
+"""``memory/peak_bytes`` is logged on the first steps: the peak is reached by then (weights, optimizer state,
+one step's activations and buffers) and later steps only repeat it."""
+
+
+def rank_peak_bytes(device: torch.device) -> float:
+    """This rank's peak memory so far: ``torch.cuda.max_memory_allocated`` on GPU (tensor bytes), the process's
+    resident-set high-water mark on CPU (the interpreter and libraries included; ``train.profile_step`` counts
+    live tensors only)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+
+
+def log_peak_memory(metrics: "MetricsLogger", step: int, device: torch.device, group=None) -> list[float] | None:
+    """On the first ``MEMORY_LOG_STEPS`` steps of this process (a collective then, on every rank): gather each
+    rank's :func:`rank_peak_bytes`; rank 0 logs ``memory/peak_bytes`` (the max over ranks: the rank that runs out
+    first) and ``memory/peak_rank`` (which). Returns the per-rank list, None on later steps."""
+    import torch.distributed as dist
+
+    if metrics.memory_logged >= MEMORY_LOG_STEPS:
+        return None
+    metrics.memory_logged += 1
+    mine = torch.tensor([rank_peak_bytes(device)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+    else:
+        parts = [mine]
+    peaks = [float(p) for p in parts]
+    busiest = max(range(len(peaks)), key=peaks.__getitem__)
+    metrics.log_scalar("memory/peak_bytes", peaks[busiest], step)
+    metrics.log_scalar("memory/peak_rank", busiest, step)
+    return peaks
+
+
+def log_memory_split(metrics: "MetricsLogger", step: int, profile: dict) -> None:
+    """The profiled step's live-tensor peak and split (``pretrain.profiling``) as ``memory/profile/*`` (rank 0's)."""
+    metrics.log_scalar("memory/profile/peak_bytes", profile["peak_bytes"], step)
+    for part, value in profile["memory"].items():
+        metrics.log_scalar(f"memory/profile/{part}_bytes", value, step)
+
+
 class MetricsLogger:
     """TensorBoard + console metrics for the training loop (rank 0 only; disabled ranks write nothing).
 
@@ -166,6 +210,7 @@ class MetricsLogger:
         self._recent_step_times: deque[float] = deque(maxlen=50)
         self.writer = None
         self.peak_flops = None
+        self.memory_logged = 0  # steps whose memory/peak_bytes was logged (log_peak_memory)
         if enabled:
             # Imported lazily: non-zero ranks never pay for tensorboard's import.
             from torch.utils.tensorboard import SummaryWriter

@@ -10,9 +10,10 @@
 - Bytes: every ``torch.distributed`` collective called during the step (ours, megatron-core's and DeepSpeed's:
   ``deepspeed.comm`` calls ``torch.distributed``) is wrapped and counted as the bytes this rank puts on the wire
   with the bandwidth-optimal (ring) algorithm for a group of p ranks and a payload of S bytes: all-reduce
-  2 (p - 1) / p S, reduce-scatter and all-gather (p - 1) / p S (S the full, unsharded tensor), all-to-all the rows
-  sent to other ranks, p2p the bytes sent (received bytes are another rank's sent bytes), broadcast S at the
-  root. Groups of one rank move nothing.
+  2 (p - 1) / p S, reduce-scatter, reduce and all-gather (p - 1) / p S (S the full, unsharded tensor), all-to-all
+  the rows sent to other ranks, p2p the bytes sent (received bytes are another rank's sent bytes), broadcast S at
+  the root. Groups of one rank move nothing. DeepSpeed's own handles on ``all_gather_into_tensor`` and
+  ``reduce_scatter_tensor`` (taken at start-up) are redirected too.
 - Memory: torch's ``MemTracker`` (a ``TorchDispatchMode`` tracking tensor storages through weak references, the
   same on CPU and GPU) with the module, the optimizer and the tensors the (ZeRO) optimizer holds registered before
   the step; the peak is the largest sum of live storages during the step, split into weights, gradients, optimizer
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from contextlib import ExitStack
 from functools import wraps
@@ -91,6 +93,8 @@ def _rules() -> dict:
         "all_gather_into_tensor": ("all_gather", ring(1, 0, "output_tensor", 2)),
         "_all_gather_base": ("all_gather", ring(1, 0, "output_tensor", 2)),
         "all_gather": ("all_gather", ring(1, 0, "tensor_list", 2)),
+        # a reduce to one rank (ZeRO's per-partition reduction) moves what a reduce-scatter of it does
+        "reduce": ("reduce_scatter", ring(1, 0, "tensor", 3)),
         "all_to_all_single": ("all_to_all", _all_to_all_bytes),
         "send": ("p2p", sent), "isend": ("p2p", sent),
         "broadcast": ("broadcast", broadcast),
@@ -117,9 +121,26 @@ class CollectiveCounter:
                 self.calls[_kind] += 1
                 return _original(*args, **kwargs)
             setattr(dist, name, wraps(original)(wrapper))
+        self._patch_deepspeed()
         return self
 
+    def _patch_deepspeed(self) -> None:
+        """DeepSpeed's torch backend keeps ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` as attributes
+        taken when it started (ZeRO's gradient reduce-scatter and parameter all-gather): point them at the
+        wrappers too."""
+        comm = sys.modules.get("deepspeed.comm.comm")
+        backend = getattr(comm, "cdb", None)
+        self._deepspeed = {}
+        for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor")):
+            if getattr(backend, attr, None) is not None:
+                self._deepspeed[attr] = getattr(backend, attr)
+                setattr(backend, attr, getattr(dist, name))
+
     def __exit__(self, *exc) -> None:
+        backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+        for attr, original in self._deepspeed.items():
+            setattr(backend, attr, original)
         for name, original in self._saved.items():
             setattr(dist, name, original)
         self._saved.clear()
@@ -244,15 +265,19 @@ class StepProfiler:
         self._stack.close()
 
     def result(self) -> dict:
-        """{"flops", "comm_bytes": {kind: bytes}, "comm_calls", "peak_bytes", "memory": split, ...} for this rank."""
+        """This rank's {"flops", "comm_bytes": {kind: bytes}, "comm_calls", "peak_bytes", "memory": the split at the
+        peak, "memory_after_step": the split when the step is over, ...}."""
         snap = self.memory.get_tracker_snapshot("peak")
         peak = next(iter(snap.values()), {}) if snap else {}
+        end = next(iter(self.memory.get_tracker_snapshot("current").values()), {})
         out = {
             "flops": int(self.flops.get_total_flops()),
+            "flops_by_op": {str(op): int(n) for op, n in self.flops.get_flop_counts().get("Global", {}).items()},
             "comm_bytes": {k: float(self.comm.bytes.get(k, 0.0)) for k in _KINDS},
             "comm_calls": {k: int(self.comm.calls.get(k, 0)) for k in _KINDS},
             "peak_bytes": int(peak.get("Total", 0)),
-            "memory": _memory_split(peak),
+            "memory": _memory_split(peak),  # at the moment of the peak
+            "memory_after_step": _memory_split(end),  # what stays: weights, gradients, optimizer state
             "memory_tracker_peak": {str(getattr(k, "value", k)): int(v) for k, v in peak.items()},
         }
         if torch.cuda.is_available():

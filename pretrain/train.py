@@ -464,13 +464,18 @@ def train(cfg: Config, objective: Objective | None = None) -> None:
 
 def train_one(run: Run, step: int) -> bool:
     """Step, skip accounting, eval, log, checkpoint; True when preempted (every rank agrees)."""
+    from pretrain.metrics import log_memory_split, log_peak_memory
+
     if step == run.cfg.train.profile_step:  # counters of this one step (pretrain/profiling.py)
         from pretrain.profiling import StepProfiler, write_profile
         with StepProfiler(run.engine) as profile:
             result = train_step(run, step)
-        write_profile(profile.result(), run.cfg.train.output_dir, step, dist.get_rank())
+        counters = profile.result()
+        write_profile(counters, run.cfg.train.output_dir, step, dist.get_rank())
+        log_memory_split(run.metrics, step, counters)
     else:
         result = train_step(run, step)
+    log_peak_memory(run.metrics, step, run.device)  # the first steps: max over ranks (pretrain/metrics.py)
     account_skip(run, step, result)
     result.eval_loss = maybe_eval(run, step)
     maybe_log(run, step, result)
