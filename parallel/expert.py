@@ -150,6 +150,8 @@ class ExpertParallelExperts(GroupedExperts):
             super().__init__(num_local, hidden, inter)
         self.num_global_experts, self.first_expert = full.num_experts, ep_rank * num_local
         self.ep_group, self.tp_group = ep_group, tp_group
+        self.sync_grads = True  # under TP: sum the weight gradients over TP in this backward (sync_expert_grads)
+        self.local_grads = False  # .grad holds deferred, not yet TP-summed micro-batches
         local = slice(self.first_expert, self.first_expert + num_local)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
@@ -164,7 +166,7 @@ class ExpertParallelExperts(GroupedExperts):
         mine = slice(sum(rows[:tp_rank]), sum(rows[:tp_rank + 1]))
         y = self._experts(_ScatterRows.apply(x, rows, self.tp_group), topk_idx[mine],
                           _ScatterRows.apply(topk_weight, rows, self.tp_group), None if keep is None else keep[mine],
-                          _SumGradOverGroup.apply(self.tp_group, *weights))
+                          _SumGradOverGroup.apply(self, self.tp_group, *weights))
         return _AllGatherRows.apply(y, rows, self.tp_group)  # (N, H)
 
     def _experts(self, x, topk_idx, topk_weight, keep, weights) -> torch.Tensor:
@@ -238,18 +240,47 @@ class _AllGatherRows(torch.autograd.Function):
 
 class _SumGradOverGroup(torch.autograd.Function):
     """Identity on the expert weights; backward sums their gradients over the group in one all-reduce (one
-    collective per layer, in the same order on every rank whichever weights received tokens)."""
+    collective per layer, in the same order on every rank whichever weights received tokens).
+
+    With ``module.sync_grads`` False (``sync_expert_grads``: a micro-batch before the accumulation boundary) the
+    gradients stay local and accumulate in ``.grad``; the boundary micro-batch then all-reduces its gradients
+    together with the accumulated ones, so the expert gradients cross TP once per step, not once per micro-batch.
+    ``.grad`` is set to the sum here and a zero is returned: the replicated weights get bit-identical gradients."""
 
     @staticmethod
-    def forward(ctx, group, *weights: torch.Tensor):
-        ctx.group = group
+    def forward(ctx, module, group, *weights: torch.Tensor):
+        ctx.module, ctx.group = module, group
         return tuple(w.view_as(w) for w in weights)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        module = ctx.module
+        params = (module.gate_proj, module.up_proj, module.down_proj)
+        if not module.sync_grads:
+            module.local_grads = True
+            return (None, None, *grads)
+        # earlier deferred micro-batches' local sums: in .grad, or in DeepSpeed's fp32 ``grad_accum`` (its
+        # grad_accum_dtype); gradients already summed (every micro-batch synced) are not summed again
+        acc = [p.grad if p.grad is not None else getattr(p, "grad_accum", None) for p in params]
+        acc = acc if module.local_grads else [None] * len(params)
+        module.local_grads = False
+        dtype = next((a.dtype for a in acc if a is not None), grads[0].dtype)
+        flat = torch.cat([(g.to(dtype) if a is None else a + g.to(dtype)).reshape(-1) for g, a in zip(grads, acc)])
         dist.all_reduce(flat, group=ctx.group)
-        return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)))
+        summed = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        if all(a is None for a in acc):
+            return (None, None, *(t.to(g.dtype) for t, g in zip(summed, grads)))
+        for a, total in zip(acc, summed):  # accumulated micro-batches: the sum replaces them, backward adds zero
+            a.copy_(total)
+        return (None, None, *(torch.zeros_like(g) for g in grads))
+
+
+def sync_expert_grads(model: nn.Module, now: bool) -> None:
+    """Whether the next backward sums the TP-split experts' weight gradients over TP (the accumulation boundary, or
+    always when gradients leave ``.grad`` every micro-batch: ZeRO-2, the pipeline engine) or leaves them local."""
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            m.sync_grads = now
 
 
 def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:
