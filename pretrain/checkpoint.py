@@ -444,6 +444,11 @@ def resume(engine, cfg: Config) -> TrainState:
     check_architecture(cfg, step_dir)
     saved = json.loads((step_dir / STATE_FILE).read_text())
     layout, saved_layout = layout_of(cfg, _world()), saved.get("layout")
+    if saved_layout is None and cfg.parallel.zero_stage > 0 and saved.get("dp_size", layout["dp"]) != layout["dp"]:
+        raise CheckpointError(f"checkpoint {step_dir} predates layout-free checkpoints and was saved with "
+                              f"data-parallel size {saved.get('dp_size')}, this run has {layout['dp']}: ZeRO "
+                              f"partitions its optimizer state by rank; resume it with {saved.get('dp_size')} "
+                              f"data-parallel ranks")
     if saved.get("engine_files", True) and saved_layout in (None, layout):
         _load_engine_files(engine, cfg, run_dir, tag)
         same_ranks = True
