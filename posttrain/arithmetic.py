@@ -1,4 +1,4 @@
-"""A generator of small verifiable tasks (addition of two numbers) for the post-training example and tests.
+"""A generator of small verifiable tasks (a three-digit number plus a digit) for the post-training example and tests.
 
     python -m posttrain.arithmetic --output DIR [--train 3000 --heldout 500 --seed 0]
 
@@ -18,11 +18,11 @@ def question(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def near_miss(rng: random.Random, answer: int) -> int:
-    """A wrong answer close to the right one (one digit off, or off by a small amount)."""
-    wrong = answer
+def near_miss(rng: random.Random, a: int, b: int) -> int:
+    """A typical wrong answer: the carry forgotten or misplaced, the first number copied, or off by one."""
+    answer, wrong = a + b, a + b
     while wrong == answer or wrong < 0:
-        wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = rng.choice([a, answer - 1, answer + 1, answer - 10, answer + 10, a + (b % 10) - ((a % 10 + b) // 10) * 10])
     return wrong
 
 
@@ -32,22 +32,23 @@ def is_correct(prompt: str, completion: str) -> bool:
     return completion.strip() == str(int(a) + int(b))
 
 
-def make(num_train: int, num_heldout: int, seed: int = 0, max_value: int = 99) -> dict:
-    """{"sft": [...], "prefs": [...], "heldout": [...], "text": str}: disjoint (a, b) pairs for train and held-out."""
+def make(num_train: int, num_heldout: int, seed: int = 0, max_a: int = 999, max_b: int = 9) -> dict:
+    """{"sft": [...], "prefs": [...], "heldout": [...], "text": str}: a in [0, max_a] plus b in [1, max_b] (a toy
+    model learns the carry in minutes), disjoint (a, b) pairs for train and held-out."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(max_value + 1) for b in range(max_value + 1)]
+    pairs = [(a, b) for a in range(max_a + 1) for b in range(1, max_b + 1)]
     rng.shuffle(pairs)
     if num_train + num_heldout > len(pairs):
-        raise ValueError(f"{num_train} + {num_heldout} items need max_value >= {int((num_train + num_heldout) ** .5)}")
+        raise ValueError(f"{num_train} + {num_heldout} items: only {len(pairs)} distinct ones; raise max_a")
     heldout, train = pairs[:num_heldout], pairs[num_heldout:num_heldout + num_train]
     sft = [{"messages": [{"role": "user", "content": question(a, b)},
                          {"role": "assistant", "content": str(a + b)}]} for a, b in train]
-    prefs = [{"prompt": question(a, b), "chosen": str(a + b), "rejected": str(near_miss(rng, a + b))}
+    prefs = [{"prompt": question(a, b), "chosen": str(a + b), "rejected": str(near_miss(rng, a, b))}
              for a, b in train]
     text = "\n".join(f"{a} plus {b} is {a + b}. {question(a, b)}{a + b}" for a, b in train)
     return {"sft": sft, "prefs": prefs, "text": text,
             "heldout": [{"prompt": question(a, b), "answer": str(a + b),
-                         "rejected": str(near_miss(rng, a + b))} for a, b in heldout]}
+                         "rejected": str(near_miss(rng, a, b))} for a, b in heldout]}
 
 
 def write(out: str | Path, num_train: int, num_heldout: int, seed: int = 0) -> dict:

@@ -122,3 +122,15 @@ def test_sft_packing_documents_and_epochs():
         start += n
     assert (row[0, start:] == -1).all() and (row[1, start:] == IGNORE_INDEX).all()
     assert (row[2, start:] == len(first_epoch[0])).all()  # padding: a document of its own
+
+
+def test_arithmetic_items_are_verifiable_and_held_out():
+    from posttrain.arithmetic import is_correct, make
+    data = make(300, 50, seed=1)
+    train = {m["messages"][0]["content"] for m in data["sft"]}
+    held = [it["prompt"] for it in data["heldout"]]
+    assert len(train) == 300 and len(set(held)) == 50 and not train & set(held)
+    for it in data["heldout"]:
+        assert is_correct(it["prompt"], it["answer"]) and not is_correct(it["prompt"], it["rejected"])
+    for pair in data["prefs"]:
+        assert is_correct(pair["prompt"], f" {pair['chosen']}\n") and not is_correct(pair["prompt"], pair["rejected"])
