@@ -54,8 +54,8 @@ def test_resume_before_a_batch_size_change_is_exact(checkpoint_reference, data_d
 @pytest.mark.slow
 def test_resume_on_another_data_parallel_size(checkpoint_reference, data_dir, tmp_path):
     """ZeRO 0 (unpartitioned optimizer state): stopped at step 2 on dp2, resumed on one process, steps 3-4 equal
-    the uninterrupted run and the sample stream goes on from sample 8. (ZeRO 1 partitions the optimizer state by
-    data-parallel rank: that resume is refused in one line, test_reliability_checkpoint's SIGKILL test.)"""
+    the uninterrupted run and the sample stream goes on from sample 8. (Under ZeRO 1/2 the optimizer state is
+    partitioned by data-parallel rank: such a resume reshards the layout-free state, tests/test_elastic_checkpoint.py.)"""
     out = tmp_path / "zero0"
     run_train(out, data_dir, "parallel.zero_stage=0", "train.exit_at_step=2", nproc=2)
     assert json.loads((out / "step_0000002" / "trainer_state.json").read_text())["consumed_samples"] == 8
