@@ -277,12 +277,14 @@ def _fill_stats(stats: dict | None, outputs, counts: dict, seconds: float) -> No
 def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
     """This rank's part of a run's model in the run's own tp/ep layout, from its files only (no consolidation).
 
-    tp/ep > 1 runs (pp = 1) write each TP rank's module state from EP rank 0 and each EP rank's experts
-    (parallel/shards.py); the model is built, parallelized, and loads exactly those. A tp = ep = 1 run is one
+    The model is built and parallelized, and each rank reads only its own slices of the checkpoint's layout-free
+    fp32 state (pretrain/checkpoint_format.py; async saves write nothing else), or, for older checkpoints, its TP
+    rank's module shard file and its EP rank's experts (parallel/shards.py). A tp = ep = 1 run is one
     model on every rank (data-parallel generation)."""
     from parallel import initialize_parallel, parallelize_model
-    from parallel.shards import needs_model_shards
+    from parallel.shards import needs_model_shards, slice_box
     from pretrain.checkpoint import CheckpointError, consolidated_state_dict, verify_checksums
+    from pretrain.checkpoint_format import INDEX, STATE_DIR, StateReader
     from pretrain.config import load_config
     from pretrain.model import build_model
 
@@ -301,6 +303,12 @@ def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
     if needs_model_shards(cfg):
         initialize_parallel(topo)
         model = parallelize_model(model, topo)  # no capacity factor: generation is dropless
+    if (step_dir / STATE_DIR / INDEX).is_file():  # the layout-free fp32 state: read only this rank's slices
+        reader = StateReader(step_dir / STATE_DIR)
+        state = {name: reader.region(name, "", *slice_box(name, reader.tensors[name]["shape"], topo.tp, topo.tp_rank,
+                                                          topo.ep, topo.ep_rank))
+                 for name in model.state_dict() if name in reader.tensors}
+    elif needs_model_shards(cfg):  # checkpoints written before the layout-free state: the module shard files
         state = torch.load(step_dir / f"layer_00-model_{topo.tp_rank:02d}-model_states.pt", map_location="cpu",
                            weights_only=True)
         if topo.ep_rank > 0:  # that file holds EP rank 0's experts: take this rank's own

@@ -286,3 +286,26 @@ def test_sharded_generation_matches_one_process(layout, tmp_path):
     prompts = make_prompts(cfg.model.vocab_size, lengths=(7, 19, 12))
     reference = [reference_greedy(model, p, 24) for p in prompts]
     run_distributed(_sharded_generation, 2, layout, tmp_path / "run", prompts, reference)
+
+
+def _generate_from_run(rank, world, run_dir, prompts, want):
+    from parallel import Topology
+    loaded, _, topo = gen_mod._load_sharded(run_dir, "step_0000002", Topology(world_size=world, rank=rank), True)
+    assert (topo.ep, topo.dp) == (2, 2)
+    assert generate(loaded, prompts, 12) == want  # every rank all prompts: the all-to-alls see the same steps
+
+
+@pytest.mark.slow
+def test_generation_reads_an_async_saved_checkpoint_in_its_layout(data_dir, tmp_path):
+    """An async save writes only the layout-free state (no module shard files): generation in the run's own dp2-ep2
+    layout (``_load_sharded``, what the CLI does under torchrun) reads each rank's slices of it and gives the
+    tokens of one process on the same run."""
+    from helpers import run_distributed, train
+    from pretrain.checkpoint import load_model_from_checkpoint
+    run = tmp_path / "run"
+    train(run, data_dir, 2, "parallel.ep=2", "train.async_save=true", "train.steps=2")
+    step_dir = run / "step_0000002"
+    assert not list(step_dir.glob("layer_*")) and (step_dir / "state" / "index.json").is_file()
+    prompts = [[5, 6, 7], [9] * 11, [3, 1, 4, 1]]
+    want = generate(load_model_from_checkpoint(run)[0], prompts, 12)
+    run_distributed(_generate_from_run, 2, run, prompts, want)
