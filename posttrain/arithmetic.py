@@ -1,6 +1,7 @@
-"""A generator of small verifiable tasks (a three-digit number plus a digit) for the post-training example and tests.
+"""A generator of small verifiable tasks for the post-training example and tests: ``add`` (a three-digit number plus a
+digit) and ``copy`` (repeat a 6-digit string).
 
-    python -m posttrain.arithmetic --output DIR [--train 3000 --heldout 500 --seed 0]
+    python -m posttrain.arithmetic --output DIR [--task add|copy --train 3000 --heldout 500 --seed 0]
 
 writes ``DIR/sft.jsonl`` (question -> answer conversations), ``DIR/prefs.jsonl`` (the correct answer chosen over a
 near miss), ``DIR/heldout.jsonl`` (``{"prompt", "answer"}`` items never in the training files) and ``DIR/text.txt``
@@ -26,35 +27,59 @@ def near_miss(rng: random.Random, a: int, b: int) -> int:
     return wrong
 
 
+def _add_items(rng: random.Random, n: int, max_a: int = 999, max_b: int = 9) -> list[tuple[str, str, str]]:
+    """(prompt, answer, near miss) of a in [0, max_a] plus b in [1, max_b], n distinct ones."""
+    pairs = [(a, b) for a in range(max_a + 1) for b in range(1, max_b + 1)]
+    rng.shuffle(pairs)
+    return [(question(a, b), str(a + b), str(near_miss(rng, a, b))) for a, b in pairs[:n]]
+
+
+def _copy_items(rng: random.Random, n: int, digits: int = 6) -> list[tuple[str, str, str]]:
+    """(prompt, answer, near miss) of "repeat 482130" -> "482130"; the near miss has one digit changed, dropped or
+    doubled. Copying is what a toy model learns in a few minutes of CPU."""
+    seen, out = set(), []
+    while len(out) < n:
+        s = "".join(rng.choice("0123456789") for _ in range(digits))
+        if s in seen:
+            continue
+        seen.add(s)
+        i = rng.randrange(digits)
+        wrong = rng.choice([s[:i] + str((int(s[i]) + rng.randint(1, 9)) % 10) + s[i + 1:], s[:i] + s[i + 1:],
+                            s[:i] + s[i] + s[i:]])
+        out.append((f"repeat {s}", s, wrong))
+    return out
+
+
+TASKS = {"add": _add_items, "copy": _copy_items}
+"""Task name -> item maker: ``add`` (347+5=), ``copy`` (repeat 482130)."""
+
+
 def is_correct(prompt: str, completion: str) -> bool:
-    """Exact match of the completion (stripped) with the sum the prompt asks for."""
+    """Exact match of the completion (stripped) with the prompt's answer (the sum, or the repeated string)."""
+    if prompt.startswith("repeat "):
+        return completion.strip() == prompt[len("repeat "):]
     a, b = prompt.rstrip("=").split("+")
     return completion.strip() == str(int(a) + int(b))
 
 
-def make(num_train: int, num_heldout: int, seed: int = 0, max_a: int = 999, max_b: int = 9) -> dict:
-    """{"sft": [...], "prefs": [...], "heldout": [...], "text": str}: a in [0, max_a] plus b in [1, max_b] (a toy
-    model learns the carry in minutes), disjoint (a, b) pairs for train and held-out."""
+def make(num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> dict:
+    """{"sft": [...], "prefs": [...], "heldout": [...], "text": str}: distinct items, train and held-out disjoint."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(max_a + 1) for b in range(1, max_b + 1)]
-    rng.shuffle(pairs)
-    if num_train + num_heldout > len(pairs):
-        raise ValueError(f"{num_train} + {num_heldout} items: only {len(pairs)} distinct ones; raise max_a")
-    heldout, train = pairs[:num_heldout], pairs[num_heldout:num_heldout + num_train]
-    sft = [{"messages": [{"role": "user", "content": question(a, b)},
-                         {"role": "assistant", "content": str(a + b)}]} for a, b in train]
-    prefs = [{"prompt": question(a, b), "chosen": str(a + b), "rejected": str(near_miss(rng, a, b))}
-             for a, b in train]
-    text = "\n".join(f"{a} plus {b} is {a + b}. {question(a, b)}{a + b}" for a, b in train)
+    items = TASKS[task](rng, num_train + num_heldout)
+    if len(items) < num_train + num_heldout:
+        raise ValueError(f"{num_train} + {num_heldout} items: task {task} has only {len(items)} distinct ones")
+    heldout, train = items[:num_heldout], items[num_heldout:]
+    sft = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a, _ in train]
+    prefs = [{"prompt": p, "chosen": a, "rejected": w} for p, a, w in train]
+    text = "\n".join(f"{p} gives {a}. {p}: {a}" for p, a, _ in train)
     return {"sft": sft, "prefs": prefs, "text": text,
-            "heldout": [{"prompt": question(a, b), "answer": str(a + b),
-                         "rejected": str(near_miss(rng, a, b))} for a, b in heldout]}
+            "heldout": [{"prompt": p, "answer": a, "rejected": w} for p, a, w in heldout]}
 
 
-def write(out: str | Path, num_train: int, num_heldout: int, seed: int = 0) -> dict:
+def write(out: str | Path, num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make(num_train, num_heldout, seed)
+    data = make(num_train, num_heldout, seed, task)
     for name in ("sft", "prefs", "heldout"):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[name]))
     (out / "text.txt").write_text(data["text"] + "\n")
@@ -67,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--heldout", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=sorted(TASKS), default="add")
     args = p.parse_args(argv)
-    print(json.dumps(write(args.output, args.train, args.heldout, args.seed)))
+    print(json.dumps(write(args.output, args.train, args.heldout, args.seed, args.task)))
     return 0
 
 
