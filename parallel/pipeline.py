@@ -14,9 +14,11 @@ the plain path's. DeepSpeed's layer list is one entry per stage::
 
 What travels between stages and why:
 - ``h`` (B, T, H): the hidden states.
-- ``terms`` (len(BALANCE_TERMS),) fp32: the unweighted balance terms of every MoE layer so far, so the last stage's
-  loss is the single-process loss and autograd carries each alpha back to every stage's routers (every floating
-  tensor sent forward receives a gradient back, which DeepSpeed requires).
+- ``terms`` (len(BALANCE_TERMS),): the unweighted balance terms of every MoE layer so far, detached, as the bits of
+  an fp32 vector in an int32 tensor, so the last stage logs (and returns) the single-process loss. Their gradients
+  do not travel: each stage hands its own alpha-weighted terms the gradient the loss has (1 / accumulation steps)
+  in backward (``_AuxLossGrad``, megatron-core's MoEAuxLossAutoScaler). DeepSpeed runs one backward per float
+  tensor a stage sent, so ``h`` is the only one: a second would walk each stage's graph twice.
 - ``input_ids``, ``labels``, ``document_ids`` (B, T) int64: the last stage embeds the shifted tokens for MTP and
   computes the loss; integer tensors travel without gradients. DeepSpeed also hands the labels to the last stage
   for its ``loss_fn``, which here only returns the loss the stage computed.
@@ -49,7 +51,7 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
 from parallel.topology import check_pipeline_layout
 from pretrain.config import Config, ConfigError
-from pretrain.loss import LOSS_NAMES, LossWeights, balance_vector, dropped_tokens, total_loss
+from pretrain.loss import BALANCE_TERMS, LOSS_NAMES, LossWeights, balance_vector, dropped_tokens, total_loss
 from pretrain.model.moe import Router
 from pretrain.model.transformer import DeepSeekModel
 
@@ -89,6 +91,24 @@ def _moe_rows(model: nn.Module) -> dict[int, int]:
     return {id(r): row for row, r in enumerate(m for m in model.modules() if isinstance(m, Router))}
 
 
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on the hidden states; backward also gives the stage's weighted balance loss the gradient ``scale``
+    (megatron-core's ``MoEAuxLossAutoScaler``). A stage before the last thus trains its routers with its own
+    balance terms without sending them forward as a second float tensor: DeepSpeed's pipeline runs one
+    ``backward`` per float tensor a stage sent, which would walk the stage's whole graph twice."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_h, torch.full_like(aux_loss, ctx.scale), None
+
+
 class PipelineStage(DeepSeekModel):
     """One pipeline stage: ``DeepSeekModel`` holding only its modules, with DeepSpeed's tuple protocol."""
 
@@ -109,13 +129,15 @@ class PipelineStage(DeepSeekModel):
         stage.is_first, stage.is_last, stage.weights = is_first, is_last, weights
         stage.moe_rows = [rows[id(m)] for m in stage.modules() if isinstance(m, Router)]
         stage.load_sum, stage.dropped_sum, stage.last_parts = None, 0.0, None
+        stage.aux_grad_scale = 1.0  # d(loss)/d(loss) as DeepSpeed backpropagates it: 1 / gradient accumulation steps
         return stage
 
     def forward(self, inputs):
         if self.is_first:
             h, carried, (input_ids, labels, *doc) = None, None, inputs
         else:
-            h, carried, input_ids, labels, *doc = inputs
+            h, carried_bits, input_ids, labels, *doc = inputs
+            carried = carried_bits.view(torch.float32)  # fp32 bits sent as int32 (see the module docstring)
         document_ids = doc[0] if doc else None
         out = super().forward(input_ids, labels=labels if self.is_last else None, document_ids=document_ids,
                               hidden_states=h)
@@ -125,9 +147,12 @@ class PipelineStage(DeepSeekModel):
             self.dropped_sum += dropped_tokens(out)
         if not self.is_last:
             terms = balance_vector(out.moe_terms, out.hidden_states)
-            if carried is None:  # a zero in the graph: DeepSpeed sends a gradient back for every float it sent
-                carried = terms.new_zeros(terms.shape) + out.hidden_states[:0].sum().float()
-            return (out.hidden_states, carried + terms, input_ids, labels, *doc)
+            h = out.hidden_states
+            aux = sum(self.weights.alphas[t] * terms[i] for i, t in enumerate(BALANCE_TERMS) if self.weights.alphas[t])
+            if self.training and torch.is_tensor(aux) and aux.requires_grad:
+                h = _AuxLossGrad.apply(h, aux, self.aux_grad_scale)
+            carried = terms.detach() if carried is None else carried + terms.detach()
+            return (h, carried.view(torch.int32), input_ids, labels, *doc)
         if not self.training:  # evaluation: the main head's loss (MTP is a training objective)
             return out.lm_loss
         loss, self.last_parts = total_loss(out, self.weights, carried)
@@ -280,6 +305,9 @@ def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, docu
     """
     module = engine.module
     module.set_loss_weights(weights)
+    # the last stage's loss is backpropagated with 1 / accumulation steps (DeepSpeed's scale_wrt_gas); the balance
+    # losses of earlier stages get the same (_AuxLossGrad)
+    module.stage.aux_grad_scale = 1.0 / engine.gradient_accumulation_steps()
     loss = engine.train_batch(pipeline_batches(micro_batches, document_ids_fn, device))
     extra = engine.get_additional_losses()
     parts = {"loss": loss, **extra}

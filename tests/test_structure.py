@@ -262,3 +262,16 @@ def test_launch_script_refuses_a_bad_config_in_one_line(data_dir, tmp_path, laun
     err = r.stderr.strip()
     assert err.splitlines() == [err] and err.startswith("error: parallel layout tp=4"), err
     assert "ChildFailedError" not in r.stdout + r.stderr and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_pp2_balance_losses_of_an_early_stage_train_its_routers(data_dir, tmp_path):
+    """A MoE layer on stage 0 with large balance weights: its terms travel forward detached (for the logged loss)
+    and get their gradient in backward (pipeline._AuxLossGrad); losses and gradient norms equal one process."""
+    big = ["model.first_k_dense_replace=0", "moe.seq_aux_alpha=0.5", "moe.aux_loss_alpha=0.3"]
+    want = train(tmp_path / "one", data_dir, 1, *big)
+    got = train(tmp_path / "pp2", data_dir, 2, *big, "parallel.pp=2", "parallel.pipeline_layout=[1,1]")
+    assert want[0]["seq_aux_loss"] > 0.1
+    for a, b in zip(want, got):
+        for key in ("loss", "lm_loss", "seq_aux_loss", "expert_aux_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a, b)
