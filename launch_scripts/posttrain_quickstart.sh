@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Post-training end to end on the CPU, TOY SCALE (a ~1M-parameter MoE model; minutes on 2 cores, not a recipe):
-#   arithmetic tasks made here (posttrain.arithmetic: a+b=, 3000 training items, 500 held-out ones never trained on)
+#   verifiable tasks made here (posttrain.arithmetic --task copy: "repeat 482130" -> "482130", 3000 training items,
+#   500 held-out ones never trained on; TASK=add, "347+5=", is out of this budget's reach)
 #   -> tokenizer + shards of the training items as text -> pretraining of a small tiny-preset model (base)
 #   -> posttrain.sft (chat template, loss on the answers) -> posttrain.rm (reward model on correct vs near-miss answers)
 #   -> posttrain.dpo (from the SFT model) -> held-out numbers (posttrain.evaluate): exact match of greedy answers
@@ -9,13 +10,14 @@
 #   bash launch_scripts/posttrain_quickstart.sh
 #
 # Environment: WORK (output folder, default runs/posttrain_quickstart; started afresh), BASE_STEPS (pretraining steps,
-# default 150), SFT_EPOCHS (default 4), EXTRA (overrides for every stage).
+# default 150), SFT_EPOCHS (default 4), TASK (copy or add), EXTRA (overrides for every stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=${WORK:-runs/posttrain_quickstart}
 BASE_STEPS=${BASE_STEPS:-150}
 SFT_EPOCHS=${SFT_EPOCHS:-4}
+TASK=${TASK:-copy}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 rm -rf "$WORK" && mkdir -p "$WORK"
 SECONDS=0
@@ -29,12 +31,13 @@ run() {  # stage log: one line per log interval
     "$PY" "$@" $MODEL ${EXTRA:-} 2>&1 | tee "$log" | grep --line-buffered -E "^step|error" || true
 }
 
-stamp "data: posttrain.arithmetic (3000 training items, 500 held-out)"
-"$PY" -m posttrain.arithmetic --output "$WORK/data" --train 3000 --heldout 500 >/dev/null
+stamp "data: posttrain.arithmetic --task $TASK (3000 training items, 500 held-out)"
+"$PY" -m posttrain.arithmetic --output "$WORK/data" --task "$TASK" --train 3000 --heldout 500 >/dev/null
 
-stamp "tokenizer and shards of the training items as plain text"
-"$PY" -m data_pipeline.tokenizer --input "$WORK/data/text.txt" --vocab-size 300 --output "$WORK/tokenizer.model" \
-    --num-threads 1 >/dev/null
+stamp "tokenizer (the training items plus the stdlib's json package: enough text for 400 pieces) and shards"
+STDLIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+"$PY" -m data_pipeline.tokenizer --input "$WORK/data/text.txt" "$STDLIB"/json/*.py --vocab-size 400 \
+    --output "$WORK/tokenizer.model" --num-threads 1 >/dev/null
 "$PY" -m data_pipeline.build --input "$WORK/data/text.txt" --tokenizer "$WORK/tokenizer.model" \
     --output "$WORK/shards" --workers 1 --no-progress >/dev/null 2>&1
 
@@ -53,16 +56,16 @@ test -f "$WORK/sft/latest" || { echo "SFT failed: see $WORK/sft.log" >&2; exit 1
 
 stamp "posttrain.rm from the SFT model (1 epoch of correct-vs-near-miss pairs)"
 run "$WORK/rm.log" -m posttrain.rm --config tiny "train.init_from=$WORK/sft" "data.paths=[$WORK/data/prefs.jsonl]" \
-    "train.output_dir=$WORK/rm" data.seq_length=16 train.micro_batch_size=32 train.global_batch_size=32 \
-    train.steps=null train.epochs=1 optim.lr=1e-3 schedule.name=cosine schedule.warmup_steps=5 \
+    "train.output_dir=$WORK/rm" data.seq_length=32 train.micro_batch_size=32 train.global_batch_size=32 \
+    train.steps=null train.epochs=1 optim.lr=2e-3 schedule.name=cosine schedule.warmup_steps=5 \
     train.save_interval=100000
 test -f "$WORK/rm/latest" || { echo "RM failed: see $WORK/rm.log" >&2; exit 1; }
 
-stamp "posttrain.dpo from the SFT model (beta 0.1, reference log-probs precomputed)"
+stamp "posttrain.dpo from the SFT model (beta 0.1, half an epoch, the frozen reference held alongside)"
 run "$WORK/dpo.log" -m posttrain.dpo --config tiny "train.init_from=$WORK/sft" "data.paths=[$WORK/data/prefs.jsonl]" \
-    "train.output_dir=$WORK/dpo" data.seq_length=16 train.micro_batch_size=32 train.global_batch_size=32 \
-    train.steps=null train.epochs=1 optim.lr=5e-4 schedule.name=cosine schedule.warmup_steps=5 dpo.beta=0.1 \
-    dpo.precompute_reference=true train.save_interval=100000
+    "train.output_dir=$WORK/dpo" data.seq_length=32 train.micro_batch_size=32 train.global_batch_size=32 \
+    train.steps=null train.epochs=0.5 optim.lr=5e-4 schedule.name=cosine schedule.warmup_steps=5 dpo.beta=0.1 \
+    train.save_interval=100000
 test -f "$WORK/dpo/latest" || { echo "DPO failed: see $WORK/dpo.log" >&2; exit 1; }
 
 stamp "held-out evaluation (500 items)"
