@@ -147,20 +147,12 @@ def meta_inventory(m: ModelConfig) -> Inventory:
     return inv
 
 
-def _model_available() -> bool:
-    try:
-        from pretrain.model import build_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def inventory(m: ModelConfig, source: str = "meta") -> tuple[Inventory, str]:
-    """(inventory, source actually used). ``meta`` falls back to ``analytic`` only while the model
-    package has no ``build_model``; any other error in the model propagates."""
+    """(inventory, source used): ``meta`` counts the model built on the meta device, ``analytic`` the formulas
+    (tests check that both agree)."""
     if source not in ("meta", "analytic"):
         raise ValueError(f"source={source!r}: use meta or analytic")
-    if source == "meta" and _model_available():
+    if source == "meta":
         return meta_inventory(m), "meta"
     return analytic_inventory(m), "analytic"
 
