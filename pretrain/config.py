@@ -338,6 +338,62 @@ class RMConfig:
     """Bradley-Terry with a margin: -log sigmoid(r_chosen - r_rejected - margin) (0 = plain)."""
 
 
+@dataclass
+class RLConfig:
+    """Reinforcement learning on on-policy rollouts (posttrain.grpo; issue 18). A rollout is prompts_per_step x
+    group_size outputs; it is split into mini-batches of train.global_batch_size sequences, one optimizer step
+    each, and passed over updates_per_rollout times (pi_old kept)."""
+
+    rewards: list = field(default_factory=list)
+    """[{fn: "module:function" or a built-in (accuracy, format, language_consistency), weight: w, name: optional}];
+    fn(prompt, completion, sample) -> float, the total is sum weight * value."""
+    group_size: int = 16
+    """G: samples per prompt; the group's mean reward is the baseline."""
+    prompts_per_step: int = 32
+    """Prompts per rollout (split over the data-parallel ranks)."""
+    max_new_tokens: int = 256
+    """Generation budget per output; prompt + budget must fit data.seq_length (longer prompts are skipped)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout; the log-probs of the loss are taken at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollout (the loss's log-probs are of the unfiltered tempered distribution)."""
+    kl_coef: float = 0.001
+    """beta: weight of the KL to the reference (DeepSeekMath 0.04, R1 0.001); 0 = no reference model."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (Schulman's estimators; GRPO uses k3)."""
+    kl_in_reward: bool = False
+    """Subtract beta * sum_t KL_t from each output's reward (before the group advantage) instead of adding it to
+    the loss."""
+    kl_importance_correction: bool = False
+    """Multiply the in-loss KL by the ratio pi/pi_old (unbiased once pi != pi_old; DeepSeek-V3.2)."""
+    clip_eps_low: float = 0.2
+    """epsilon: the ratio is clipped below at 1 - clip_eps_low."""
+    clip_eps_high: float | None = None
+    """Upper clip 1 + clip_eps_high; null = clip_eps_low (symmetric); larger = DAPO's clip-higher."""
+    loss_agg: str = "seq-mean-token-mean"
+    """seq-mean-token-mean (GRPO), token-mean (DAPO) or seq-mean-token-sum-norm (Dr. GRPO: / max_new_tokens)."""
+    normalize_std: bool = True
+    """Divide the group-centred reward by the group's std (false: Dr. GRPO)."""
+    eps_std: float = 1.0e-6
+    """epsilon_std in (r - mean) / (std + epsilon_std)."""
+    updates_per_rollout: int = 1
+    """mu: passes over each rollout (pi_old kept from the rollout)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts until the rollout is full."""
+    dynamic_sampling_max_rounds: int = 4
+    """Generation rounds per rollout with dynamic_sampling; then uniform groups fill the rest (advantage 0)."""
+    overlong_cache_length: int = 0
+    """DAPO's soft overlong punishment over the last this-many tokens of max_new_tokens (0 = off)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: outputs cut at max_new_tokens leave the loss."""
+    ref_reset_interval: int = 0
+    """Copy the policy into the reference every this-many rollouts (R1: 400 steps); 0 = never."""
+    routing_replay: bool = False
+    """MoE: replay the experts routed at the pi_old forward in the training forward."""
+    bias_update_speed: float = 0.0
+    """MoE aux-loss-free bias speed during RL (replaces moe.bias_update_speed; 0 = the bias is frozen)."""
+
+
 SECTIONS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -349,6 +405,7 @@ SECTIONS = {
     "mtp": MTPConfig,
     "dpo": DPOConfig,
     "rm": RMConfig,
+    "rl": RLConfig,
 }
 
 
@@ -364,6 +421,7 @@ class Config:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     deepspeed: dict = field(default_factory=dict)
     """Passed through to the generated DeepSpeed config (deep-merged over it)."""
 
@@ -694,3 +752,21 @@ def validate(cfg: Config) -> None:
         _check(len(p.pipeline_layout) == p.pp and sum(p.pipeline_layout) == cfg.model.num_hidden_layers,
                f"parallel.pipeline_layout={p.pipeline_layout}: needs parallel.pp={p.pp} entries summing to "
                f"model.num_hidden_layers={cfg.model.num_hidden_layers}")
+    validate_rl(cfg.rl)
+
+
+def validate_rl(r: RLConfig) -> None:
+    for k in ("group_size", "prompts_per_step", "max_new_tokens", "updates_per_rollout", "dynamic_sampling_max_rounds"):
+        _check(getattr(r, k) >= (2 if k == "group_size" else 1), f"rl.{k}={getattr(r, k)}: must be >= "
+               f"{2 if k == 'group_size' else 1}")
+    _check(r.temperature > 0, f"rl.temperature={r.temperature}: must be > 0 (G samples of a greedy policy are equal)")
+    _check(0 < r.top_p <= 1, f"rl.top_p={r.top_p}: must be in (0, 1]")
+    for k in ("kl_coef", "clip_eps_low", "ref_reset_interval", "bias_update_speed"):
+        _check(getattr(r, k) >= 0, f"rl.{k}={getattr(r, k)}: must be >= 0")
+    _check(r.clip_eps_high is None or r.clip_eps_high >= 0, f"rl.clip_eps_high={r.clip_eps_high}: must be >= 0")
+    _check(r.eps_std > 0, f"rl.eps_std={r.eps_std}: must be > 0")
+    _check(r.kl_estimator in ("k1", "k2", "k3"), f"rl.kl_estimator={r.kl_estimator!r}: use k1, k2 or k3")
+    _check(r.loss_agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
+           f"rl.loss_agg={r.loss_agg!r}: use seq-mean-token-mean, token-mean or seq-mean-token-sum-norm")
+    _check(0 <= r.overlong_cache_length <= r.max_new_tokens, f"rl.overlong_cache_length={r.overlong_cache_length}: "
+           f"must be in [0, rl.max_new_tokens={r.max_new_tokens}]")

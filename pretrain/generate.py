@@ -195,7 +195,7 @@ def _check_args(model, prompts, max_new_tokens: int, speculative) -> int:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_ids=None, speculative: str | None = None,
-             stats: dict | None = None) -> list[list[int]]:
+             stats: dict | None = None, logprobs: list | None = None) -> list[list[int]]:
     """The new tokens of each prompt (a stop token, when met, is the last one kept).
 
     model: a ``DeepSeekModel`` (plain, or parallelized by ``parallel.parallelize_model``: then every rank of the
@@ -203,7 +203,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     lengths (an empty list is allowed under torch.distributed: the rank still steps with the others); greedy at
     temperature 0; ``seed`` makes sampling reproducible; ``speculative="mtp"`` drafts with the MTP modules and
     verifies in one forward (greedy: the same tokens as without). ``stats``, if given, receives
-    forwards / tokens / seconds / tokens_per_s and, with speculation, the draft acceptance rate.
+    forwards / tokens / seconds / tokens_per_s and, with speculation, the draft acceptance rate. ``logprobs``, if
+    given (a list, without speculation), receives one list per prompt: each new token's log-probability under
+    softmax(logits / temperature) (unfiltered; temperature 1 when greedy), the sampler's own logits (RL's rollout
+    log-probs).
     """
     depth = _check_args(model, prompts, max_new_tokens, speculative)
     device = model.embed_tokens.weight.device
@@ -223,11 +226,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     # Prefill: one forward of all prompts; row b keeps its n_b slots and draws its first token at n_b - 1.
     last_logits = dec.main(ids)[rows, lengths - 1]  # (B, V)
     last = last_logits.argmax(dim=-1) if sampler.greedy else sampler.draw(sampler.probs(last_logits))
+    record = logprobs is not None and not depth
+    if record:
+        logprobs[:] = [[] for _ in range(num_real)]
+        step_lp = _token_logprob(last_logits, last, temperature)
     kept, new_tokens = lengths - 1, last.unsqueeze(1)
     following = torch.cat([ids[:, 1:], torch.zeros(B, depth + 1, dtype=torch.long, device=device)], dim=1)
     following[rows, kept] = last  # the token after each prompt position
     while True:
+        before = [len(o) for o in outputs]
         running = _commit(outputs, new_tokens, active, max_new_tokens, stops)
+        if record:
+            for b, lp in enumerate(step_lp.tolist()[:num_real]):
+                logprobs[b].extend([lp] * (len(outputs[b]) - before[b]))
         drafts = dec.drafts(following, kept) if depth else None  # (B, D) before the slots are kept
         dec.cache.state.advance(torch.where(active, kept + 1, torch.zeros_like(kept)))
         active &= running
@@ -235,7 +246,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             break
         # Verify: the newest token (not yet in the cache) and the drafts, in one forward.
         fed = last.unsqueeze(1) if drafts is None else torch.cat([last.unsqueeze(1), drafts], dim=1)
-        kept, tokens = sampler.verify(dec.main(fed), fed[:, 1:], active)
+        logits = dec.main(fed)
+        kept, tokens = sampler.verify(logits, fed[:, 1:], active)
+        if record:
+            step_lp = _token_logprob(logits[:, 0], tokens[:, 0], temperature)
         counts["forwards"] += 1
         counts["proposed"] += depth * int(active.sum())
         counts["accepted"] += int(kept.sum())
@@ -244,6 +258,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         following = torch.cat([tokens, torch.zeros(B, depth, dtype=torch.long, device=device)], dim=1)
     _fill_stats(stats, outputs[:num_real], counts, time.perf_counter() - start)
     return outputs[:num_real]
+
+
+def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, V), (B,) -> log softmax(logits / temperature)[token] (B,) fp32."""
+    scaled = logits.float() / (temperature or 1.0)
+    return scaled.log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def _commit(outputs: list[list[int]], new_tokens: torch.Tensor, active: torch.Tensor, max_new_tokens: int,

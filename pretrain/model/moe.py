@@ -27,6 +27,9 @@ class Router(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+        self.routes = None
+        """An object whose ``route(router, topk_idx) -> topk_idx`` sees (and may replace) each forward's choice: RL
+        records the routes of the rollout's forward and replays them in the training forward."""
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must not round the bias: gamma-sized updates (1e-3) vanish in bf16 (as transformers'
@@ -41,6 +44,8 @@ class Router(nn.Module):
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():
             topk_idx = self._select(scores.detach() + self.e_score_correction_bias)
+        if self.routes is not None:  # RL routing record / replay (posttrain.rl.trainer)
+            topk_idx = self.routes.route(self, topk_idx)
         topk_weight = scores.gather(1, topk_idx)  # gating weights from the unbiased scores
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
