@@ -1,0 +1,126 @@
+"""posttrain.grpo end to end on the tiny preset: the ratio is exactly 1 on each rollout's first mini-batch (and not on
+the later ones), the rl.* config errors, exact resume mid-rollout and at a rollout boundary (the rollout regenerated
+from its seed), and the layouts (dp2 ZeRO-1, tp2, dp2-ep2) giving the single process's losses on fixed rollouts
+(tests/grpo_fixed.py). A rollout is 4 prompts x G 4 = 16 outputs, 2 mini-batches of 8 (steps 1-2: rollout 0, 3-4:
+rollout 1)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import losses, module_states, run_checked, torchrun, trained_tokenizer
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 4
+KEYS = ("loss", "rl/kl", "rl/ratio", "rl/entropy", "rl/reward_mean", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl")
+    shutil.copy(trained_tokenizer(500), out / "tok.model")
+    rng = random.Random(0)
+    with open(out / "rl.jsonl", "w") as f:
+        for _ in range(16):
+            a, b = rng.randint(100, 999), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    return out
+
+
+def grpo(out, rl_data, monkeypatch, *overrides, nproc=1, fixed=False, check=True):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the reward grpo_fixed:digit_share
+    entry = [str(TESTS / "grpo_fixed.py")] if fixed else ["-m", "posttrain.grpo"]
+    args = [*entry, "--config", "tiny", f"data.paths=[{rl_data / 'rl.jsonl'}]", f"data.tokenizer={rl_data / 'tok.model'}",
+            f"train.output_dir={out}", 'rl.rewards=[{fn: "grpo_fixed:digit_share"}]', "rl.group_size=4",
+            "rl.prompts_per_step=4", "rl.max_new_tokens=8", "data.seq_length=32", "train.global_batch_size=8",
+            "train.micro_batch_size=2", f"train.steps={STEPS}", "train.log_interval=1", *overrides]
+    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
+                       check=check)
+
+
+@pytest.fixture(scope="module")
+def fixed_single(rl_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fixed") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        grpo(out, rl_data, mp, fixed=True)
+    return losses(out)
+
+
+def test_ratio_is_one_on_each_rollouts_first_minibatch_only(fixed_single):
+    """pi_old is the policy's own forward before the rollout's first update: rho == 1 exactly on mini-batch 1 of
+    each rollout (nothing clipped, no route flipped); mini-batch 2 is trained by the once-updated policy."""
+    assert [r["rl/ratio"] for r in fixed_single][0::2] == [1.0, 1.0]
+    assert all(r["rl/clip_fraction"] == 0.0 and r["rl/route_flip_rate"] == 0.0 for r in fixed_single[0::2])
+    assert all(abs(r["rl/ratio"] - 1.0) > 1e-5 for r in fixed_single[1::2])
+    assert fixed_single[0]["rl/kl"] == 0.0  # policy = reference before the first update
+    assert fixed_single[1]["rl/kl"] > 0 and fixed_single[1]["rl/route_flip_rate"] > 0
+    assert fixed_single[0]["rl/reward_mean"] == fixed_single[1]["rl/reward_mean"] != fixed_single[2]["rl/reward_mean"]
+
+
+def test_one_minibatch_per_rollout_is_on_policy_everywhere(rl_data, tmp_path, monkeypatch):
+    grpo(tmp_path / "run", rl_data, monkeypatch, "train.global_batch_size=16", "train.steps=2", fixed=True)
+    assert [r["rl/ratio"] for r in losses(tmp_path / "run")] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rl.temperature=0", r"^error: rl.temperature=0.0: must be > 0"),
+    ("rl.loss_agg=sum", r"^error: rl.loss_agg='sum': use seq-mean-token-mean, token-mean or"),
+    ("rl.prompts_per_step=3", r"^error: rl.prompts_per_step x rl.group_size = 12 outputs must split into "
+                              r"mini-batches of train.global_batch_size=8"),
+    ("rl.rewards=[]", r"^error: rl.rewards must be a non-empty list"),
+])
+def test_config_errors_are_one_line(override, message, rl_data, tmp_path, monkeypatch):
+    proc = grpo(tmp_path / "run", rl_data, monkeypatch, override, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and __import__("re").match(message, proc.stderr), proc.stderr
+
+
+def _untimed(records: list) -> list:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = module_states(a), module_states(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [3, 2], ids=["mid-rollout", "rollout-boundary"])
+def test_resume_is_exact(stop, rl_data, tmp_path, monkeypatch):
+    """Sampled rollouts (the policy's own generation): N steps == stop + resume; mid-rollout the rollout file is
+    reloaded, at the boundary the next rollout is regenerated from its seed."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    grpo(whole, rl_data, monkeypatch)
+    grpo(parts, rl_data, monkeypatch, f"train.exit_at_step={stop}")
+    grpo(parts, rl_data, monkeypatch)
+    assert _untimed(losses(parts)) == _untimed(losses(whole))
+    _same_weights(whole / "step_0000004", parts / "step_0000004")
+
+
+@pytest.mark.slow
+def test_resume_is_exact_on_two_ranks(rl_data, tmp_path, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    grpo(whole, rl_data, monkeypatch, "parallel.zero_stage=1", nproc=2)
+    grpo(parts, rl_data, monkeypatch, "parallel.zero_stage=1", "train.exit_at_step=3", nproc=2)
+    grpo(parts, rl_data, monkeypatch, "parallel.zero_stage=1", nproc=2)
+    assert _untimed(losses(parts)) == _untimed(losses(whole))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.tp=2"], ["parallel.ep=2"]],
+                         ids=["dp2-zero1", "tp2", "dp2-ep2"])
+def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, tmp_path, monkeypatch):
+    grpo(tmp_path / "run", rl_data, monkeypatch, *layout, nproc=2, fixed=True)
+    records = losses(tmp_path / "run")
+    assert len(records) == STEPS
+    for a, b in zip(records, fixed_single):
+        for k in KEYS:
+            assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)
