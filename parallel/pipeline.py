@@ -19,9 +19,10 @@ What travels between stages and why:
   do not travel: each stage hands its own alpha-weighted terms the gradient the loss has (1 / accumulation steps)
   in backward (``_AuxLossGrad``, megatron-core's MoEAuxLossAutoScaler). DeepSpeed runs one backward per float
   tensor a stage sent, so ``h`` is the only one: a second would walk each stage's graph twice.
-- ``input_ids``, ``labels``, ``document_ids`` (B, T) int64: the last stage embeds the shifted tokens for MTP and
-  computes the loss; integer tensors travel without gradients. DeepSpeed also hands the labels to the last stage
-  for its ``loss_fn``, which here only returns the loss the stage computed.
+- ``input_ids``, ``labels``, ``document_ids`` (B, T) int64, as the objective's ``batch`` made them (SFT: labels
+  -100 outside the assistant turns, a document per packed conversation): the last stage embeds the shifted tokens
+  for MTP and computes the loss; integer tensors travel without gradients. DeepSpeed also hands the labels to the
+  last stage for its ``loss_fn``, which here only returns the loss the stage computed.
 - The embedding is tied between the first and the last stage (``TiedLayerSpec`` on ``embed_tokens.weight``):
   DeepSpeed broadcasts it at start and all-reduces its gradient over the two stages before the optimizer step.
 - Expert-load counts are not differentiable and each stage needs only its own routers' rows, so they go through
@@ -49,6 +50,7 @@ from torch import nn
 
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
+from parallel.expert import sync_expert_grads
 from parallel.topology import check_pipeline_layout
 from pretrain.config import Config, ConfigError
 from pretrain.loss import BALANCE_TERMS, LOSS_NAMES, LossWeights, balance_vector, dropped_tokens, total_loss
@@ -294,45 +296,48 @@ def to_pipeline_module(model: nn.Module, topo, cfg: Config) -> DeepSeekPipeline:
 
 # ------------------------------------------------------------------------------------------- training loop
 
-def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, document_ids_fn, device):
+def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batch_fn, device):
     """One optimizer step with DeepSpeed's 1F1B schedule over this data-parallel rank's micro-batches.
 
-    micro_batches: LongTensor (mb, seq + 1) each (the first and last stage read them); document_ids_fn: tokens
-    (mb, seq) -> document ids or None. Returns (the ``pretrain.loss.LOSS_NAMES`` parts averaged over micro-batches
-    and data-parallel ranks, identical on every rank; expert load (L, E) of the training micro-batches summed over
-    micro-batches, data-parallel ranks and stages). The bias is moved by the caller (``balance_experts``) once it
-    knows whether the step was applied. Returns (parts, dropped token copies, load).
+    micro_batches: the data stream's rows, one per micro-batch (every stage draws them; the first and last stage
+    read them); batch_fn: rows -> the objective's batch on the device, ``{"input_ids", "labels", "document_ids"}``
+    (``pretrain.train.Objective.batch``: pretraining's (mb, seq + 1) windows, SFT's packed rows with masked labels
+    and per-row document ids). Returns (the ``pretrain.loss.LOSS_NAMES`` parts averaged over micro-batches and
+    data-parallel ranks, identical on every rank; dropped token copies; expert load (L, E) of the training
+    micro-batches summed over micro-batches, data-parallel ranks and stages). The bias is moved by the caller
+    (``balance_experts``) once it knows whether the step was applied.
     """
     module = engine.module
     module.set_loss_weights(weights)
     # the last stage's loss is backpropagated with 1 / accumulation steps (DeepSpeed's scale_wrt_gas); the balance
     # losses of earlier stages get the same (_AuxLossGrad)
     module.stage.aux_grad_scale = 1.0 / engine.gradient_accumulation_steps()
-    loss = engine.train_batch(pipeline_batches(micro_batches, document_ids_fn, device))
+    # TP-split experts: gradients accumulate locally and cross TP in the last micro-batch's backward (the pipeline
+    # supports ZeRO 0/1, which keep .grad until the step)
+    sync_expert_grads(module.stage, False, local_backwards=engine.gradient_accumulation_steps() - 1)
+    loss = engine.train_batch(pipeline_batches(micro_batches, batch_fn))
     extra = engine.get_additional_losses()
     parts = {"loss": loss, **extra}
     means = torch.stack([parts[n].float().reshape(()).to(device) for n in LOSS_NAMES])
     return (means, *module.collect_expert_load(device))
 
 
-def pipeline_batches(micro_batches: list, document_ids_fn, device):
+def pipeline_batches(micro_batches: list, batch_fn):
     """DeepSpeed's (inputs, labels) per micro-batch: inputs = (input_ids, labels[, document_ids]) for the first
-    stage, which sends them on to the last (see the module docstring). Pinned batches (GPU) copy asynchronously."""
+    stage, which sends them on to the last (see the module docstring)."""
     batches = []
-    for t in micro_batches:
-        t = t.to(device, non_blocking=True)
-        input_ids, labels = t[:, :-1], t[:, 1:]
-        doc = document_ids_fn(input_ids)
-        batches.append(((input_ids, labels) + (() if doc is None else (doc,)), labels))
+    for rows in micro_batches:
+        b = batch_fn(rows)
+        doc = b.get("document_ids")
+        batches.append(((b["input_ids"], b["labels"]) + (() if doc is None else (doc,)), b["labels"]))
     return iter(batches)
 
 
 @torch.no_grad()
-def pipeline_eval_loss(engine, micro_batches: list, document_ids_fn, device) -> float:
+def pipeline_eval_loss(engine, micro_batches: list, batch_fn) -> float:
     """Mean main-head loss over micro-batches and data-parallel ranks (MTP off in eval), on every rank. No expert
     load is collected (the stages count training micro-batches only)."""
-    loss = engine.eval_batch(pipeline_batches(micro_batches, document_ids_fn, device),
-                             num_micro_batches=len(micro_batches))
+    loss = engine.eval_batch(pipeline_batches(micro_batches, batch_fn), num_micro_batches=len(micro_batches))
     return float(loss)
 
 

@@ -11,7 +11,9 @@
 
 DPO and RM need the per-token values of the whole sequence, so they swap the model's ``loss_fn`` for a per-token
 one (``ModelOutput.lm_loss`` is then (B, T)); the logits are materialised (no fused chunked head). Both need
-more than labels on the last pipeline stage: parallel.pp > 1 is refused (tp, ep, dp and ZeRO work).
+more than labels on the last pipeline stage (the pair lengths, the reference log-probs, per-sequence values back
+from it): parallel.pp > 1 is refused for them (tp, ep, dp and ZeRO work). SFT runs under every layout, pp > 1
+included: its batch (input ids, masked labels, document ids) is what ``parallel.pipeline`` sends between stages.
 """
 from __future__ import annotations
 
@@ -90,13 +92,14 @@ def per_token_nll_tp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 class SFTObjective(PosttrainObjective):
     """Masked next-token prediction on packed conversations (``posttrain.sft``)."""
 
-    stage, names, pipeline = "sft", LOSS_NAMES, False
+    stage, names = "sft", LOSS_NAMES
 
-    def load(self, cfg, tok, skipped):
-        return load_sft(cfg.data.paths, tok, cfg.data.seq_length, cfg.train.loss_on, skipped)
+    def load(self, cfg, tok, skipped, paths):
+        return load_sft(paths, tok, cfg.data.seq_length, cfg.train.loss_on, skipped)
 
-    def dataset(self, cfg, num_rows):
-        return SFTDataset(self.records, cfg.data.seq_length, cfg.train.seed, self.tok.pad_id, num_rows)
+    def dataset(self, cfg, num_rows, records=None):
+        return SFTDataset(self.records if records is None else records, cfg.data.seq_length, cfg.train.seed,
+                          self.tok.pad_id, num_rows)
 
     def batch(self, run, rows):
         rows = rows.to(run.device, non_blocking=True)  # (mb, 3, T)
@@ -108,11 +111,12 @@ class PairObjective(PosttrainObjective):
 
     pipeline = False
 
-    def load(self, cfg, tok, skipped):
-        return load_pairs(cfg.data.paths, tok, cfg.data.seq_length, skipped)
+    def load(self, cfg, tok, skipped, paths):
+        return load_pairs(paths, tok, cfg.data.seq_length, skipped)
 
-    def dataset(self, cfg, num_rows):
-        return PairDataset(self.records, cfg.data.seq_length, cfg.train.seed, self.tok.pad_id, num_rows)
+    def dataset(self, cfg, num_rows, records=None):
+        return PairDataset(self.records if records is None else records, cfg.data.seq_length, cfg.train.seed,
+                           self.tok.pad_id, num_rows)
 
     def preflight(self, cfg, world_size, rank):
         if cfg.model.num_nextn_predict_layers:  # MTP is a language-modelling objective; its weights are dropped
@@ -173,7 +177,8 @@ class DPOObjective(PairObjective):
         path = Path(self.cfg.train.output_dir) / "reference_logps.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
-        model, mb = engine.module, self.cfg.train.micro_batch_size
+        model = getattr(engine, "module", engine)  # the engine in training, its module in maybe_eval
+        mb = self.cfg.train.micro_batch_size
         ds = PairDataset(self.records, self.cfg.data.seq_length, 0, self.tok.pad_id, len(self.records))
         table = torch.zeros(len(self.records), 2)
         model.eval()  # as the reference it replaces: no token dropping
@@ -187,14 +192,22 @@ class DPOObjective(PairObjective):
             torch.save(table, path)
         return table
 
-    def loss(self, model, batch, weights):
+    def pair_losses(self, model, batch):
+        """(DPO losses (mb,), chosen rewards, rejected rewards, policy log-probs (2 mb,), the output)."""
         d = self.cfg.dpo
         average = d.loss_type == "ipo"  # TRL's IPO averages the log-probs over the completion
         logps, out = sequence_logps(model, batch, average)
         ref = self.reference_logps_for(model, batch, average)
         n = logps.shape[0] // 2
-        losses, chosen_r, rejected_r = dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n], ref[n:], d.beta,
-                                                d.loss_type, d.label_smoothing)
+        return (*dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n], ref[n:], d.beta, d.loss_type,
+                          d.label_smoothing), logps, out)
+
+    def eval_loss(self, model, batch):
+        return self.pair_losses(model, batch)[0].mean()
+
+    def loss(self, model, batch, weights):
+        losses, chosen_r, rejected_r, logps, out = self.pair_losses(model, batch)
+        n = logps.shape[0] // 2
         loss = losses.mean() + balance_loss(out, weights)
         parts = dpo_metrics(losses, chosen_r, rejected_r, logps[:n], logps[n:])
         parts["loss"] = loss.detach().float()
@@ -256,11 +269,18 @@ class RMObjective(PairObjective):
         model.loss_fn = value_of_row_tp if topo.tp > 1 else value_of_row
         return model
 
-    def loss(self, model, batch, weights):
+    def rewards(self, model, batch):
+        """(chosen rewards (mb,), rejected rewards (mb,), the output)."""
         out = model(batch["input_ids"], labels=batch["labels"])
         rewards = last_token_values(out.lm_loss, batch["lengths"])
         n = rewards.shape[0] // 2
-        chosen, rejected = rewards[:n], rewards[n:]
+        return rewards[:n], rewards[n:], out
+
+    def eval_loss(self, model, batch):
+        return bradley_terry_loss(*self.rewards(model, batch)[:2], self.margin).mean()
+
+    def loss(self, model, batch, weights):
+        chosen, rejected, out = self.rewards(model, batch)
         loss = bradley_terry_loss(chosen, rejected, self.margin).mean() + balance_loss(out, weights)
         parts = {"loss": loss, "rm/accuracy": (chosen > rejected).float().mean(), "rm/margin": (chosen - rejected).mean(),
                  "rm/chosen": chosen.mean(), "rm/rejected": rejected.mean()}

@@ -85,15 +85,20 @@ def resolve_length(cfg: Config, num_rows: int) -> None:
 
 
 class PosttrainObjective(Objective):
-    """A post-training stage: ``load(cfg, tok, skipped)`` reads the jsonl records, ``dataset(num_rows)`` makes the
-    rows; subclasses add ``batch`` and ``loss``."""
+    """A post-training stage: ``load(cfg, tok, skipped, paths)`` reads the jsonl records, ``dataset(cfg, num_rows,
+    records)`` makes the rows; subclasses add ``batch`` and ``loss`` (and ``eval_loss``).
+
+    Held-out evaluation: ``data.eval_paths`` (jsonl files of the stage's own format) with ``train.eval_interval``
+    > 0 logs the mean ``eval_loss`` over ``train.eval_iters`` micro-batches per rank as ``eval/loss`` (SFT: the
+    masked cross-entropy on the assistant tokens; RM: the Bradley-Terry loss; DPO: the DPO loss)."""
 
     stage = "posttrain"
+    eval_records: list | None = None
 
-    def load(self, cfg: Config, tok: ChatTokenizer, skipped: dict) -> list:
+    def load(self, cfg: Config, tok: ChatTokenizer, skipped: dict, paths: list) -> list:
         raise NotImplementedError
 
-    def dataset(self, cfg: Config, num_rows: int):
+    def dataset(self, cfg: Config, num_rows: int, records: list | None = None):
         raise NotImplementedError
 
     def preflight(self, cfg: Config, world_size: int, rank: int):
@@ -111,12 +116,17 @@ class PosttrainObjective(Objective):
         self.tok = chat_tokenizer(cfg)
         resolve_vocab(cfg, self.tok, topo.tp)
         skipped: dict = {}
-        self.records = self.load(cfg, self.tok, skipped)
+        self.records = self.load(cfg, self.tok, skipped, cfg.data.paths)
         if rank == 0 and skipped:
             print(f"[{self.stage}] skipped records: {skipped}", file=sys.stderr, flush=True)
         if not self.records:
             raise DataError(f"data.paths: no usable {self.stage} record (skipped: {skipped or 'none'})")
         self.skipped = skipped
+        if cfg.data.eval_paths and cfg.train.eval_interval > 0:
+            eval_skipped: dict = {}
+            self.eval_records = self.load(cfg, self.tok, eval_skipped, cfg.data.eval_paths)
+            if not self.eval_records:
+                raise DataError(f"data.eval_paths: no usable {self.stage} record (skipped: {eval_skipped or 'none'})")
         resolve_length(cfg, len(self.dataset(cfg, 1).rows_of(0)))
         check_layout(cfg.model, topo, cfg.train.micro_batch_size, cfg.train.global_batch_size)
         check_pipeline_layout(cfg)
@@ -128,10 +138,13 @@ class PosttrainObjective(Objective):
         from data_pipeline.dataset import SampleStream
         from pretrain.schedule import total_samples
 
+        t = cfg.train
         stream = SampleStream(self.dataset(cfg, total_samples(cfg)), topo.dp_rank, topo.dp_size,
-                              cfg.train.micro_batch_size, consumed_samples=state.consumed_samples,
-                              pin_memory=pin_memory)
-        return stream, None
+                              t.micro_batch_size, consumed_samples=state.consumed_samples, pin_memory=pin_memory)
+        eval_ds = None
+        if self.eval_records:
+            eval_ds = self.dataset(cfg, t.eval_iters * t.micro_batch_size * topo.dp_size, self.eval_records)
+        return stream, eval_ds
 
 
 def run_stage(objective: PosttrainObjective, argv: list[str] | None = None) -> int:

@@ -190,6 +190,10 @@ class Objective:
         loss, parts = total_loss(out, weights)
         return loss, parts, out
 
+    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+        """The held-out value ``maybe_eval`` averages (``eval/loss``): the main head's loss (no MTP, no balance)."""
+        return model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"]).lm_loss
+
 
 def check_pipeline_support(cfg: Config, objective: Objective) -> None:
     if cfg.parallel.pp > 1 and not objective.pipeline:
@@ -322,7 +326,7 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.topo.pp > 1:  # every stage draws the batch; the first and last stages read it
         from parallel.pipeline import pipeline_train_batch
         means, dropped, load = pipeline_train_batch(engine, micro_batches, weights,
-                                                    lambda ids: document_ids(run, ids), run.device)
+                                                    lambda rows: run.objective.batch(run, rows), run.device)
         model, rows = engine.module.stage, engine.module.stage.moe_rows
     else:
         means, dropped, load = _forward_backward(run, micro_batches, weights)
@@ -377,7 +381,8 @@ def account_skip(run: Run, step: int, r: StepResult) -> None:
 
 @torch.no_grad()
 def maybe_eval(run: Run, step: int) -> float | None:
-    """Mean held-out ``lm_loss`` over ``train.eval_iters`` micro-batches per rank, every ``train.eval_interval``."""
+    """Mean held-out ``Objective.eval_loss`` (pretraining, SFT: the main head's ``lm_loss``) over ``train.eval_iters``
+    micro-batches per rank, every ``train.eval_interval``."""
     from data_pipeline.dataset import SampleStream
 
     t = run.cfg.train
@@ -387,14 +392,12 @@ def maybe_eval(run: Run, step: int) -> float | None:
     micro_batches = stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size)
     if run.topo.pp > 1:
         from parallel.pipeline import pipeline_eval_loss
-        return pipeline_eval_loss(run.engine, micro_batches, lambda ids: document_ids(run, ids), run.device)
+        return pipeline_eval_loss(run.engine, micro_batches, lambda rows: run.objective.batch(run, rows))
     model = run.engine.module
     model.eval()
     total = torch.zeros(1, device=run.device)
-    for tokens in micro_batches:
-        tokens = tokens.to(run.device)
-        input_ids = tokens[:, :-1]
-        total += model(input_ids, labels=tokens[:, 1:], document_ids=document_ids(run, input_ids)).lm_loss.float()
+    for rows in micro_batches:
+        total += run.objective.eval_loss(model, run.objective.batch(run, rows)).float()
     model.train()
     return (_dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
 

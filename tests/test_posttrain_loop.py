@@ -1,5 +1,6 @@
-"""posttrain.sft / rm / dpo end to end on the pretraining loop: train.init_from, the layouts (dp2, tp2, dp2-ep2)
-give the single-process losses, exact resume, pipeline refusal. Each run is a few seconds of the tiny preset."""
+"""posttrain.sft / rm / dpo end to end on the pretraining loop: train.init_from, the layouts (dp2, tp2, dp2-ep2; SFT
+also pp2) give the single-process losses, exact resume, the held-out eval/loss, pipeline refusal for RM/DPO. Each
+run is a few seconds of the tiny preset."""
 from __future__ import annotations
 
 import shutil
@@ -110,6 +111,88 @@ def test_resume_is_exact(stage, extra, single, chat_data, tmp_path):
     posttrain(stage, out, chat_data, "train.exit_at_step=1", *extra)
     posttrain(stage, out, chat_data, *extra)
     _close(losses(out), single[stage], METRICS[stage], rel=1e-6)
+
+
+def _heldout_chat(chat_data) -> str:
+    """The held-out items as SFT conversations (``data.eval_paths`` takes the stage's own format)."""
+    import json
+    from pathlib import Path
+
+    path = Path(chat_data["heldout"]).with_name("heldout_chat.jsonl")
+    rows = [json.loads(line) for line in Path(chat_data["heldout"]).read_text().splitlines()]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["answer"]}]}) + "\n"
+                            for r in rows))
+    return str(path)
+
+
+EVAL = ("train.eval_interval=1", "train.eval_iters=2")
+
+
+@pytest.fixture(scope="module")
+def sft_eval(chat_data, tmp_path_factory):
+    """A single-process SFT run with the held-out loss every step: its run directory."""
+    out = tmp_path_factory.mktemp("sft_eval") / "run"
+    posttrain("sft", out, chat_data, f"data.eval_paths=[{_heldout_chat(chat_data)}]", *EVAL)
+    return out
+
+
+@pytest.mark.slow
+def test_sft_eval_loss_is_the_masked_heldout_loss(sft_eval, chat_data):
+    """``eval/loss`` at the last step = the saved weights' masked lm_loss on the held-out rows, recomputed here."""
+    import numpy as np
+
+    from posttrain.chat import ChatTokenizer
+    from posttrain.data import SFTDataset, load_sft
+    from pretrain.checkpoint import load_model_from_checkpoint
+
+    records = losses(sft_eval)
+    assert all("eval_loss" in r for r in records)
+    model, cfg, tokenizer = load_model_from_checkpoint(sft_eval)
+    tok = ChatTokenizer(tokenizer)
+    samples = load_sft([_heldout_chat(chat_data)], tok, cfg.data.seq_length, cfg.train.loss_on, {})
+    mb = cfg.train.micro_batch_size
+    ds = SFTDataset(samples, cfg.data.seq_length, cfg.train.seed, tok.pad_id, 2 * mb)
+    rows = torch.from_numpy(np.stack([ds[i] for i in range(2 * mb)]))
+    model.eval()
+    with torch.no_grad():
+        expected = [float(model(r[:, 0], labels=r[:, 1], document_ids=r[:, 2]).lm_loss) for r in rows.split(mb)]
+    assert (rows[:, 1] == -100).any() and (rows[:, 1] != -100).any()  # prompts masked, answers trained
+    assert records[-1]["eval_loss"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_sft_pipeline_gives_the_single_process_losses(sft_eval, chat_data, tmp_path):
+    """SFT under pp2 (two stages, 1F1B, masked labels and document ids sent along) = one process, eval included."""
+    out = tmp_path / "run"
+    posttrain("sft", out, chat_data, f"data.eval_paths=[{_heldout_chat(chat_data)}]", *EVAL, "parallel.pp=2",
+              nproc=2)
+    _close(losses(out), losses(sft_eval), METRICS["sft"] + ("eval_loss",))
+
+
+@pytest.mark.slow
+def test_rm_eval_loss_is_the_heldout_bradley_terry_loss(chat_data, tmp_path):
+    """RM ``eval/loss`` = the mean -log sigmoid(r_chosen - r_rejected) of the held-out pairs, scored by the saved
+    reward model (``RewardModel.score``); 4 pairs = the 2 micro-batches of 2 one evaluation reads."""
+    import json
+
+    import torch.nn.functional as F
+
+    from posttrain.reward import RewardModel
+
+    pairs = tmp_path / "heldout_prefs.jsonl"
+    pairs.write_text("".join(open(chat_data["prefs"]).readlines()[-4:]))
+    out = tmp_path / "run"
+    posttrain("rm", out, chat_data, f"data.eval_paths=[{pairs}]", *EVAL)
+    rm = RewardModel.load(out)
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    chosen = rm.score([[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
+                       for r in records])
+    rejected = rm.score([[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]
+                         for r in records])
+    expected = float(-F.logsigmoid(torch.tensor(chosen) - torch.tensor(rejected)).mean())
+    assert losses(out)[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_pipeline_is_refused_in_one_line(chat_data, tmp_path):
