@@ -124,3 +124,20 @@ def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, t
     for a, b in zip(records, fixed_single):
         for k in KEYS:
             assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)
+
+
+def test_generate_logprobs_are_the_forwards_tempered_logprobs():
+    """The rollout log-probs (``generate(logprobs=)``) equal log softmax(logits / T) of a full forward over prompt +
+    output at each sampled token: the basis of rl/logprob_mismatch."""
+    from helpers import make_model
+    from pretrain.generate import generate
+
+    model, _ = make_model("v3_groups_mtp")
+    prompts, logprobs = [[5, 6, 7], [9, 10]], []
+    outputs = generate(model, prompts, 6, temperature=0.7, seed=3, logprobs=logprobs)
+    for p, out, lps in zip(prompts, outputs, logprobs):
+        assert len(lps) == len(out) == 6
+        with torch.no_grad():
+            logits = model(torch.tensor([p + out]))[0, len(p) - 1:-1].float() / 0.7
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(out)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lps), expected, atol=1e-4), (lps, expected)
