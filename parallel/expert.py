@@ -150,7 +150,7 @@ class ExpertParallelExperts(GroupedExperts):
             super().__init__(num_local, hidden, inter)
         self.num_global_experts, self.first_expert = full.num_experts, ep_rank * num_local
         self.ep_group, self.tp_group = ep_group, tp_group
-        self.sync_grads = True  # under TP: sum the weight gradients over TP in this backward (sync_expert_grads)
+        self.local_backwards = 0  # under TP: how many coming backwards keep their gradients local (sync_expert_grads)
         self.local_grads = False  # .grad holds deferred, not yet TP-summed micro-batches
         local = slice(self.first_expert, self.first_expert + num_local)
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -242,7 +242,7 @@ class _SumGradOverGroup(torch.autograd.Function):
     """Identity on the expert weights; backward sums their gradients over the group in one all-reduce (one
     collective per layer, in the same order on every rank whichever weights received tokens).
 
-    With ``module.sync_grads`` False (``sync_expert_grads``: a micro-batch before the accumulation boundary) the
+    While ``module.local_backwards`` > 0 (``sync_expert_grads``: micro-batches before the accumulation boundary) the
     gradients stay local and accumulate in ``.grad``; the boundary micro-batch then all-reduces its gradients
     together with the accumulated ones, so the expert gradients cross TP once per step, not once per micro-batch.
     ``.grad`` is set to the sum here and a zero is returned: the replicated weights get bit-identical gradients."""
@@ -256,7 +256,8 @@ class _SumGradOverGroup(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         module = ctx.module
         params = (module.gate_proj, module.up_proj, module.down_proj)
-        if not module.sync_grads:
+        if module.local_backwards > 0:
+            module.local_backwards -= 1
             module.local_grads = True
             return (None, None, *grads)
         # earlier deferred micro-batches' local sums: in .grad, or in DeepSpeed's fp32 ``grad_accum`` (its
@@ -275,12 +276,15 @@ class _SumGradOverGroup(torch.autograd.Function):
         return (None, None, *(torch.zeros_like(g) for g in grads))
 
 
-def sync_expert_grads(model: nn.Module, now: bool) -> None:
+def sync_expert_grads(model: nn.Module, now: bool, local_backwards: int | None = None) -> None:
     """Whether the next backward sums the TP-split experts' weight gradients over TP (the accumulation boundary, or
-    always when gradients leave ``.grad`` every micro-batch: ZeRO-2, the pipeline engine) or leaves them local."""
+    always when gradients leave ``.grad`` every micro-batch: ZeRO-2) or leaves them local. ``local_backwards``: the
+    next that many backwards stay local and the one after sums (the pipeline engine, whose 1F1B schedule runs the
+    forwards ahead of the backwards but the backwards in micro-batch order: gas - 1 before its step)."""
+    count = (0 if now else 1) if local_backwards is None else local_backwards
     for m in model.modules():
         if isinstance(m, ExpertParallelExperts):
-            m.sync_grads = now
+            m.local_backwards = count
 
 
 def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:

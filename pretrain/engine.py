@@ -182,7 +182,10 @@ def deepspeed_config(cfg: Config, dp_size: int, global_batch_size: int) -> dict:
             # (single-kernel) implementation is the faster step (bench/results.md, "Components vs the plain
             # PyTorch op").
             "torch_adam": True, "fused": True}},
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # ZeRO 1/2 reduce each gradient partition to its owner (DeepSpeed's default all-reduces the whole gradient
+        # and keeps a slice: 2x the bytes of a reduce-scatter; bench/results.md, "Scale efficiency"). A user's
+        # deepspeed.zero_optimization.use_multi_rank_bucket_allreduce=true restores DeepSpeed's default.
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "use_multi_rank_bucket_allreduce": False},
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # our MetricsLogger prints

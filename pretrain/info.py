@@ -406,12 +406,12 @@ def stage_param_counts(inv: Inventory, layer_stage: list[int], pp: int) -> list[
 
 
 def _deepspeed_zero(cfg: Config) -> dict:
-    """The ``zero_optimization`` settings DeepSpeed will use (pretrain.engine sets only the stage)."""
+    """The ``zero_optimization`` settings DeepSpeed will use (pretrain.engine sets the stage and reduce-to-owner)."""
     zero = dict((cfg.deepspeed or {}).get("zero_optimization") or {})
     return {"reduce_bucket_size": int(float(zero.get("reduce_bucket_size", 5e8))),
             "overlap_comm": bool(zero.get("overlap_comm", False)),
             "contiguous_gradients": bool(zero.get("contiguous_gradients", True)),
-            "use_multi_rank_bucket_allreduce": bool(zero.get("use_multi_rank_bucket_allreduce", True))}
+            "use_multi_rank_bucket_allreduce": bool(zero.get("use_multi_rank_bucket_allreduce", False))}
 
 
 def _bytes_per_value(cfg: Config) -> tuple[int, int, int]:
@@ -508,13 +508,13 @@ def comm_bytes_by_group(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, 
       and the shared RoPE key); the routed experts' rows all-gathered after the combine and their gradient
       all-gathered in backward; the embedding's forward and each head's backward all-reduce. Full recomputation
       repeats the forward ones. As implemented, the replicated experts' weight gradients are also summed over TP
-      (``parallel.expert``: once per step, per micro-batch under ZeRO-2 or pipelining); the minimum folds that sum
+      (``parallel.expert``: once per step, per micro-batch under ZeRO-2); the minimum folds that sum
       into the expert-data-parallel reduction (over TP x dp / ep ranks).
     - EP, per MoE layer and micro-batch: dispatch and combine, forward and backward, of this rank's rows' k copies,
       the (ep - 1) / ep sent to other ranks under balanced routing.
-    - DP/ZeRO: ZeRO 0 all-reduces the gradients; ZeRO 1/2 as DeepSpeed does by default
-      (``use_multi_rank_bucket_allreduce``) all-reduces them too, then all-gathers the updated parameters; with
-      it off each partition is reduced to its owner, which is the minimum: a reduce-scatter and the all-gather. ZeRO-2 reduces every micro-batch's gradients (it keeps only
+    - DP/ZeRO: ZeRO 0 all-reduces the gradients; ZeRO 1/2 reduce each partition to its owner (pretrain.engine sets
+      ``use_multi_rank_bucket_allreduce`` false), the minimum: a reduce-scatter, then the parameter all-gather;
+      with DeepSpeed's default (true) they all-reduce the whole gradient instead. ZeRO-2 reduces every micro-batch's gradients (it keeps only
       its partition). Experts over the expert-data-parallel group (dp / ep).
     - PP: one activation per micro-batch per stage boundary forward and its gradient backward; with MTP (or a tied
       head) the embedding's gradient all-reduced between the first and the last stage.
@@ -544,9 +544,9 @@ def _stage_comm(cfg: Config, counts: Counter, s: int, layers: list[int], layout:
         ar = sum(fwd_repeat * 2 * tokens * h + _column_input_elems(m, moe, tokens) for moe in blocks)
         heads = 1 + m.num_nextn_predict_layers if s == pp - 1 else 0
         ar += (tokens * h if s == 0 else 0) + heads * (tokens * h + 3 * tokens)  # embedding; head + CE
-        # the replicated experts' weight gradients: summed over TP at the accumulation boundary, every micro-batch
-        # when ZeRO-2 or the pipeline engine take the gradients away each micro-batch
-        syncs = 0 if minimum else (micro if cfg.parallel.zero_stage >= 2 or pp > 1 else 1)
+        # the replicated experts' weight gradients: summed over TP at the accumulation boundary (the pipeline's last
+        # backward), every micro-batch when ZeRO-2 takes the gradients away each micro-batch
+        syncs = 0 if minimum else (micro if cfg.parallel.zero_stage >= 2 else 1)
         row["tp"]["all_reduce"] = _ring("all_reduce", tp) * (micro * ar * act + syncs * expert * gbytes)
         row["tp"]["all_gather"] = micro * _ring("all_gather", tp) * moe_blocks * (
             (fwd_repeat + 1) * tokens * h * act + tokens * m.num_experts_per_tok * 4)
