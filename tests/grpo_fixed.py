@@ -19,6 +19,11 @@ def digit_share(prompt, completion: str, sample: dict) -> float:
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
+def digits_if_odd(prompt, completion: str, sample: dict) -> float:
+    """``digit_share`` for prompts with an odd answer, 0 for the others (their groups are uniform)."""
+    return digit_share(prompt, completion, sample) if int(sample["answer"]) % 2 else 0.0
+
+
 class FixedGRPO(GRPOObjective):
     def sample(self, prompts, seed):
         outputs, G = [], self.cfg.rl.group_size

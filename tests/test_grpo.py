@@ -141,3 +141,35 @@ def test_generate_logprobs_are_the_forwards_tempered_logprobs():
             logits = model(torch.tensor([p + out]))[0, len(p) - 1:-1].float() / 0.7
         expected = logits.log_softmax(-1).gather(-1, torch.tensor(out)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(lps), expected, atol=1e-4), (lps, expected)
+
+
+def test_options_on_fixed_rollouts(fixed_single, rl_data, tmp_path, monkeypatch):
+    """mu = 2 passes (pi_old kept: rho == 1 on the rollout's first step only); the reference reset to the policy at
+    rollout 1 (rl/kl == 0 on its first mini-batch) surviving a resume in the middle of that rollout."""
+    grpo(tmp_path / "mu", rl_data, monkeypatch, "rl.updates_per_rollout=2", fixed=True)
+    mu = losses(tmp_path / "mu")
+    assert [r["rl/ratio"] == 1.0 for r in mu] == [True, False, False, False]
+    assert len({r["rl/reward_mean"] for r in mu}) == 1  # one rollout, four steps
+    reset = tmp_path / "reset"
+    grpo(reset, rl_data, monkeypatch, "rl.ref_reset_interval=1", "train.exit_at_step=3", fixed=True)
+    grpo(reset, rl_data, monkeypatch, "rl.ref_reset_interval=1", fixed=True)
+    records = losses(reset)
+    assert records[2]["rl/kl"] == 0.0 < records[3]["rl/kl"] < fixed_single[3]["rl/kl"]
+    assert _untimed(records[:2]) == _untimed(fixed_single[:2])
+
+
+@pytest.mark.slow
+def test_routing_replay_dynamic_sampling_and_kl_in_reward(fixed_single, rl_data, tmp_path, monkeypatch):
+    grpo(tmp_path / "replay", rl_data, monkeypatch, "rl.routing_replay=true", fixed=True)
+    replay = losses(tmp_path / "replay")
+    assert replay[0]["loss"] == fixed_single[0]["loss"]  # nothing flipped yet: the same routes
+    assert fixed_single[1]["rl/route_flip_rate"] > 0 and replay[1]["loss"] != fixed_single[1]["loss"]
+    odd = 'rl.rewards=[{fn: "grpo_fixed:digits_if_odd"}]'
+    grpo(tmp_path / "plain", rl_data, monkeypatch, odd, fixed=True)
+    grpo(tmp_path / "ds", rl_data, monkeypatch, odd, "rl.dynamic_sampling=true", fixed=True)
+    assert min(r["rl/informative_groups"] for r in losses(tmp_path / "plain")) < 1.0
+    assert [r["rl/informative_groups"] for r in losses(tmp_path / "ds")] == [1.0] * STEPS
+    grpo(tmp_path / "klr", rl_data, monkeypatch, "rl.kl_in_reward=true", "rl.kl_coef=0.5", fixed=True)
+    klr = losses(tmp_path / "klr")
+    assert klr[0]["loss"] == pytest.approx(fixed_single[0]["loss"], abs=1e-7)  # KL 0 before the first update
+    assert klr[1]["rl/kl"] > 0 and klr[2]["loss"] != fixed_single[2]["loss"]

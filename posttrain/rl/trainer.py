@@ -28,14 +28,15 @@ import torch.distributed as dist
 
 from posttrain.objectives import _FrozenReference, balance_loss, per_token_nll, per_token_nll_tp
 from posttrain.rl import rollout as ro
-from posttrain.rl.advantages import dynamic_sampling_keep, grpo_advantages, overlong_filter_mask, overlong_penalty
+from posttrain.rl.advantages import (dynamic_sampling_keep, grpo_advantages, overlong_filter_mask, overlong_penalty,
+                                     uniform_groups)
 from posttrain.rl.objectives import kl_estimate, policy_loss
 from posttrain.stage import PosttrainObjective
 from pretrain.config import ConfigError
 
 BASE_NAMES = ("loss", "rl/reward_mean", "rl/reward_std", "rl/kl", "rl/clip_fraction", "rl/ratio", "rl/entropy",
               "rl/response_length", "rl/route_flip_rate", "rl/logprob_mismatch", "rl/rollout_seconds",
-              "rl/update_seconds")
+              "rl/update_seconds", "rl/informative_groups")
 
 
 def tempered(loss_fn, temperature: float):
@@ -186,7 +187,7 @@ class GRPOObjective(PosttrainObjective):
         if self.reference is not None and r.ref_reset_interval and index and index % r.ref_reset_interval == 0:
             self.reference.load_state_dict(self.model.state_dict())
             ro.save_reference(self.reference, self.cfg, index)
-        cursor, rounds, kept = self.cursor, [], None
+        cursor, rounds = self.cursor, []
         for round_ in range(r.dynamic_sampling_max_rounds if r.dynamic_sampling else 1):
             rounds.append(self.sample_round(index, round_, cursor))
             cursor += P
@@ -198,7 +199,6 @@ class GRPOObjective(PosttrainObjective):
         glob["truncated"] = glob["truncated"].bool()
         if r.dynamic_sampling:  # the non-uniform groups first (in order), uniform ones fill a short rollout
             order = torch.cat([keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)])
-            kept = float(keep.sum()) / (len(keep))
             glob = {k: v[order[:P * G]] for k, v in glob.items()}
         S = self.cfg.data.seq_length
         scores = glob["rewards"].float()
@@ -227,9 +227,8 @@ class GRPOObjective(PosttrainObjective):
                            "rl/response_length": float(glob["resp_len"].float().mean()),
                            "rl/logprob_mismatch": float(mismatch[0] / mismatch[1]) if mismatch[1] else 0.0,
                            "rl/rollout_seconds": time.perf_counter() - start,
+                           "rl/informative_groups": 1.0 - float(uniform_groups(glob["rewards"], G).float().mean()),
                            **{f"rl/reward/{w.name}": float(m) for w, m in zip(self.rewards, means)}}
-        if kept is not None:
-            rollout.metrics["rl/kept_groups"] = kept
         ro.save_rollout(rollout, self.cfg, topo)
         if dist.get_rank() == 0:
             ro.prune_rollouts(self.cfg, self.steps_per_rollout, r.ref_reset_interval)
