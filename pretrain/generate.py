@@ -4,9 +4,12 @@
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--speculative mtp]
         [--output FILE.jsonl]
 
-Under ``torchrun`` on a run or step directory the model is laid out as the checkpoint was trained (tp/ep from its
-config.yaml, each rank loading only its own shard files, nothing consolidated) and the prompts are split over the
-data-parallel ranks.
+Under ``torchrun`` on a run or step directory the model is laid out as the checkpoint was trained (tp/pp/ep from its
+config.yaml, each rank loading only its own slices, nothing consolidated) and the prompts are split over the
+data-parallel ranks. With pp > 1 each rank builds its pipeline stage (``PipelineStage.cut``, training's stage
+bounds) with its own KV cache; per step stage 0 embeds and runs its layers, sends h point to point to the next
+stage, the last stage computes the logits and decides (tokens, kept drafts, MTP drafts, log-probs), and that is
+broadcast over the pp group, so every stage keeps the same slots and stop state (tp works inside each stage).
 
 One decoding loop serves plain and speculative decoding. Each step feeds, per row, the last committed token plus
 D drafts (D = 0 without speculation) at the row's next slots (pretrain/model/kv_cache.py), and the main model's
@@ -130,31 +133,99 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+class _PipeLink:
+    """A pipeline stage's place for decoding: h (B, T, H) goes to the next stage point to point, and what the last
+    stage decides (tokens, kept drafts, MTP drafts: all int64) is broadcast over the pp group, so every stage keeps
+    the same slots, tokens and stop state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+        self.group = ps.get_pipeline_model_parallel_group()
+        ranks = dist.get_process_group_ranks(self.group)
+        stage = ranks.index(dist.get_rank())
+        self.prev = ranks[stage - 1] if stage > 0 else None
+        self.next = ranks[stage + 1] if stage + 1 < len(ranks) else None
+        self.last = ranks[-1]
+
+
+def _pipe_link(model) -> _PipeLink | None:
+    """The stage's link when ``model`` is one stage of a pipeline (``parallel.pipeline.PipelineStage``)."""
+    if getattr(model, "is_last", None) is None or (model.is_first and model.is_last):
+        return None
+    return _PipeLink()
+
+
 class _Decoder:
-    """One batch's caches and the two forwards of a step: the main model, then the MTP drafts."""
+    """One batch's caches and the two forwards of a step: the main model, then the MTP drafts.
+
+    Under pipeline parallelism (``model`` a ``PipelineStage``) each stage runs its own layers on its own cache;
+    ``main`` returns the logits on the last stage only (None elsewhere) and ``share`` hands the last stage's
+    decisions to every stage."""
 
     def __init__(self, model, batch: int, capacity: int, depth: int, sampler: Sampler):
         self.model, self.depth, self.sampler = model, depth, sampler
+        self.pipe = _pipe_link(model)
         self.cache = KVCache.for_model(model, batch, capacity)
         self.mtp_cache = self.cache.mtp_caches(model)[:depth]
         self.hidden: torch.Tensor | None = None
 
-    def main(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) at each row's next slots -> logits (B, T, V); keeps the final norm's input (B, T, H)."""
+    @property
+    def is_last(self) -> bool:
+        return self.pipe is None or self.pipe.next is None
+
+    def main(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """tokens (B, T) at each row's next slots -> logits (B, T, V) (None on a pipeline stage before the last);
+        keeps the final norm's input (B, T, H) when drafting."""
         positions = self.cache.state.slots(tokens.shape[1])
-        if not self.depth:
-            return self.model(tokens, position_ids=positions, cache=self.cache)
-        handle = self.model.norm.register_forward_hook(lambda m, args, out: setattr(self, "hidden", args[0]))
+        hook = (self.model.norm.register_forward_hook(lambda m, args, out: setattr(self, "hidden", args[0]))
+                if self.depth and self.is_last else None)
         try:
-            return self.model(tokens, position_ids=positions, cache=self.cache)
+            if self.pipe is None:
+                return self.model(tokens, position_ids=positions, cache=self.cache)
+            return self._stage(tokens, positions)
         finally:
-            handle.remove()
+            if hook is not None:
+                hook.remove()
+
+    def _stage(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """This pipeline stage's part of the forward: receive h, run the stage's layers, send h on or return the
+        logits (the whole vocabulary under tensor parallelism)."""
+        from pretrain.model.transformer import DeepSeekModel
+        h = None
+        if self.pipe.prev is not None:
+            ref = next(self.model.parameters())
+            h = torch.empty(*tokens.shape, self.model.config.hidden_size, dtype=ref.dtype, device=ref.device)
+            dist.recv(h, self.pipe.prev)
+        out = DeepSeekModel.forward(self.model, tokens, position_ids=positions, hidden_states=h, cache=self.cache)
+        if self.pipe.next is not None:
+            dist.send(out.hidden_states.contiguous(), self.pipe.next)
+            return None
+        return _gather_vocab(out, self.model.config.vocab_size)
+
+    def share(self, decide, *shapes, dtype: torch.dtype = torch.long):
+        """``decide()`` -> tensor(s) of ``shapes`` and ``dtype``, run on the last stage and broadcast to the pp
+        group's other stages (without pipeline parallelism just ``decide()``)."""
+        if self.pipe is None:
+            return decide()
+        if self.pipe.next is None:
+            out = decide()
+            out = tuple(t.contiguous() for t in (out if isinstance(out, tuple) else (out,)))
+        else:
+            device = self.cache.state.lengths.device
+            out = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
+        for t in out:
+            dist.broadcast(t, self.pipe.last, group=self.pipe.group)
+        return out if len(out) > 1 else out[0]
 
     def drafts(self, following: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Run the MTP modules on the slots just fed -> greedy drafts (B, D).
+        """Run the MTP modules on the slots just fed -> greedy drafts (B, D) (on the last pipeline stage, which
+        holds the MTP modules; shared with the others).
 
         following (B, T + D): following[:, j] is the token after fed position j (valid for j <= kept), the rest
         filled here with the drafts as they come; kept (B,): the last fed position each row keeps."""
+        return self.share(lambda: self._mtp_drafts(following, kept), (kept.shape[0], self.depth))
+
+    def _mtp_drafts(self, following: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         model, T = self.model, self.hidden.shape[1]
         rows = torch.arange(kept.shape[0], device=kept.device)
         cos, sin = model.rotary(self.cache.state.slots(T), self.hidden.dtype)
@@ -180,7 +251,8 @@ def _right_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Te
 def _check_args(model, prompts, max_new_tokens: int, speculative) -> int:
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative={speculative!r}: use None or 'mtp'")
-    depth = len(model.mtp) if speculative == "mtp" else 0
+    held = model.config.num_nextn_predict_layers if _pipe_link(model) is not None else len(model.mtp)
+    depth = held if speculative == "mtp" else 0
     if speculative == "mtp" and depth == 0:
         raise ValueError("speculative='mtp' needs MTP modules (model.num_nextn_predict_layers > 0); the model has "
                          "none (HuggingFace exports drop them)")
@@ -209,7 +281,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     log-probs).
     """
     depth = _check_args(model, prompts, max_new_tokens, speculative)
-    device = model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     num_real = len(prompts)
     prompts = [list(p) for p in prompts] or [[0]]  # a rank without prompts still runs every collective forward
     sampler = Sampler(temperature, top_k, top_p, seed, device)
@@ -224,12 +296,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     counts = {"forwards": 1, "proposed": 0, "accepted": 0}
 
     # Prefill: one forward of all prompts; row b keeps its n_b slots and draws its first token at n_b - 1.
-    last_logits = dec.main(ids)[rows, lengths - 1]  # (B, V)
-    last = last_logits.argmax(dim=-1) if sampler.greedy else sampler.draw(sampler.probs(last_logits))
+    logits = dec.main(ids)  # None on a pipeline stage before the last
+    last_logits = logits[rows, lengths - 1] if logits is not None else None  # (B, V)
+    last = dec.share(lambda: _first_token(last_logits, sampler), (B,))  # (B,): the last stage's choice
     record = logprobs is not None and not depth
     if record:
         logprobs[:] = [[] for _ in range(num_real)]
-        step_lp = _token_logprob(last_logits, last, temperature)
+        step_lp = dec.share(lambda: _token_logprob(last_logits, last, temperature), (B,), dtype=torch.float32)
     kept, new_tokens = lengths - 1, last.unsqueeze(1)
     following = torch.cat([ids[:, 1:], torch.zeros(B, depth + 1, dtype=torch.long, device=device)], dim=1)
     following[rows, kept] = last  # the token after each prompt position
@@ -247,9 +320,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         # Verify: the newest token (not yet in the cache) and the drafts, in one forward.
         fed = last.unsqueeze(1) if drafts is None else torch.cat([last.unsqueeze(1), drafts], dim=1)
         logits = dec.main(fed)
-        kept, tokens = sampler.verify(logits, fed[:, 1:], active)
+        kept, tokens = dec.share(lambda: sampler.verify(logits, fed[:, 1:], active), (B,), fed.shape)
         if record:
-            step_lp = _token_logprob(logits[:, 0], tokens[:, 0], temperature)
+            step_lp = dec.share(lambda: _token_logprob(logits[:, 0], tokens[:, 0], temperature), (B,),
+                                dtype=torch.float32)
         counts["forwards"] += 1
         counts["proposed"] += depth * int(active.sum())
         counts["accepted"] += int(kept.sum())
@@ -264,6 +338,11 @@ def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """(B, V), (B,) -> log softmax(logits / temperature)[token] (B,) fp32."""
     scaled = logits.float() / (temperature or 1.0)
     return scaled.log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _first_token(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """The prompts' last logits (B, V) -> each row's first new token (B,)."""
+    return logits.argmax(dim=-1) if sampler.greedy else sampler.draw(sampler.probs(logits))
 
 
 def _commit(outputs: list[list[int]], new_tokens: torch.Tensor, active: torch.Tensor, max_new_tokens: int,
@@ -294,13 +373,16 @@ def _fill_stats(stats: dict | None, outputs, counts: dict, seconds: float) -> No
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
-    """This rank's part of a run's model in the run's own tp/ep layout, from its files only (no consolidation).
+def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool, layout: dict | None = None):
+    """This rank's part of a run's model in the run's own tp/pp/ep layout, from its files only (no consolidation).
 
-    The model is built and parallelized, and each rank reads only its own slices of the checkpoint's layout-free
-    fp32 state (pretrain/checkpoint_format.py; async saves write nothing else), or, for older checkpoints, its TP
-    rank's module shard file and its EP rank's experts (parallel/shards.py). A tp = ep = 1 run is one
-    model on every rank (data-parallel generation)."""
+    The model is built, parallelized and, with pp > 1, cut to this rank's pipeline stage (``PipelineStage.cut``,
+    the stage bounds of training), and each rank reads only its own slices of the checkpoint's layout-free fp32
+    state (pretrain/checkpoint_format.py; async saves write nothing else), or, for older tp/ep checkpoints, its TP
+    rank's module shard file and its EP rank's experts (parallel/shards.py). A tp = pp = ep = 1 run is one model on
+    every rank (data-parallel generation). ``layout`` ({"tp", "pp", "ep", "pipeline_layout"}, absent = 1 / None)
+    generates in another layout than the run's: the layout-free state reads into any."""
+    import dataclasses
     from parallel import initialize_parallel, parallelize_model
     from parallel.shards import needs_model_shards, slice_box
     from pretrain.checkpoint import CheckpointError, consolidated_state_dict, verify_checksums
@@ -314,16 +396,26 @@ def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
         raise CheckpointError(f"{problems[0]}; refusing to unpickle an unverified checkpoint (--trust-unverified "
                               f"only for checkpoints you produced)")
     cfg = load_config(step_dir / "config.yaml")
-    if cfg.parallel.pp > 1:
-        raise ValueError(f"{step_dir}: pipeline-parallel checkpoints (parallel.pp={cfg.parallel.pp}) are not "
-                         f"generated from in their layout yet; export it (python -m pretrain.export) and pass the "
+    layout_free = (step_dir / STATE_DIR / INDEX).is_file()
+    if layout is not None:
+        if not layout_free:
+            raise ValueError(f"{step_dir}: no layout-free state ({STATE_DIR}/{INDEX}), so it is generated from only "
+                             f"in its own layout: drop the layout {layout}")
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, tp=layout.get("tp", 1), pp=layout.get("pp", 1), ep=layout.get("ep", 1),
+            pipeline_layout=layout.get("pipeline_layout")))
+    if cfg.parallel.pp > 1 and not layout_free:
+        raise ValueError(f"{step_dir}: a pipeline-parallel checkpoint without the layout-free state ({STATE_DIR}/"
+                         f"{INDEX}; written before it existed): export it (python -m pretrain.export) and pass the "
                          f"HuggingFace folder")
     topo = type(topo).from_config(cfg, topo.world_size, topo.rank)
     model = build_model(cfg.model)
-    if needs_model_shards(cfg):
+    if needs_model_shards(cfg) or cfg.parallel.pp > 1:
         initialize_parallel(topo)
         model = parallelize_model(model, topo)  # no capacity factor: generation is dropless
-    if (step_dir / STATE_DIR / INDEX).is_file():  # the layout-free fp32 state: read only this rank's slices
+    if cfg.parallel.pp > 1:
+        model = _pipeline_stage(model, cfg, topo)
+    if layout_free:  # the layout-free fp32 state: read only this rank's slices
         reader = StateReader(step_dir / STATE_DIR)
         state = {name: reader.region(name, "", *slice_box(name, reader.tensors[name]["shape"], topo.tp, topo.tp_rank,
                                                           topo.ep, topo.ep_rank))
@@ -342,6 +434,13 @@ def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool):
         raise ValueError(f"checkpoint {step_dir}: weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {list(unexpected)[:3]})")
     return model.eval(), cfg, topo
+
+
+def _pipeline_stage(model, cfg, topo):
+    """This rank's stage of ``model``: training's stage bounds, the modules of the other stages removed."""
+    from parallel.pipeline import PipelineStage, stage_bounds
+    bounds, stage, pp = stage_bounds(model, cfg), topo.pp_rank, topo.pp
+    return PipelineStage.cut(model, bounds[stage], bounds[stage + 1], stage == 0, stage == pp - 1, weights=None)
 
 
 def load_for_generation(path: str, trust_unverified: bool = False):

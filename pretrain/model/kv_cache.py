@@ -124,6 +124,12 @@ class KVHeadCache:
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim))
 
 
+def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The model's weights' dtype and device (a pipeline stage may hold no embedding)."""
+    weight = next(model.parameters())
+    return weight.dtype, weight.device
+
+
 def layer_cache(state: DecodeState, attn: nn.Module, batch: int, dtype: torch.dtype, device: torch.device):
     """The cache for one attention module: latent (MLA) or per-head keys/values (mha/gqa)."""
     cls = MLACache if isinstance(attn, MLAttention) else KVHeadCache
@@ -146,14 +152,14 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, capacity: int, state: DecodeState | None = None) -> "KVCache":
-        dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        dtype, device = _dtype_device(model)
         state = state or DecodeState(batch, capacity, device)
         return cls(state, {i: layer_cache(state, block.self_attn, batch, dtype, device)
                            for i, block in model.blocks()})
 
     def mtp_caches(self, model: nn.Module) -> list:
         """One layer cache per MTP module (its block's attention), sharing this cache's state."""
-        dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        dtype, device = _dtype_device(model)
         batch = self.state.lengths.shape[0]
         return [layer_cache(self.state, module.block.self_attn, batch, dtype, device) for module in model.mtp]
 
