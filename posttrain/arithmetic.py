@@ -1,11 +1,16 @@
-"""A generator of small verifiable tasks for the post-training example and tests: ``add`` (a three-digit number plus a
-digit) and ``copy`` (repeat a 6-digit string).
+"""A generator of small verifiable tasks for the post-training examples and tests: ``add`` (a three-digit number plus a
+digit), ``copy`` (repeat a 6-digit string) and ``reason`` (``copy`` answered in DeepSeek-R1's format, the digits
+read out one by one first: ``repeat 482130`` -> ``<think>4 8 2 1 3 0</think><answer>482130</answer>``; a toy model
+learns it in minutes of CPU, where the carry of ``add`` stays out of reach).
 
-    python -m posttrain.arithmetic --output DIR [--task add|copy --train 3000 --heldout 500 --seed 0]
+    python -m posttrain.arithmetic --output DIR [--task add|copy|reason --train 3000 --heldout 500 --seed 0]
 
-writes ``DIR/sft.jsonl`` (question -> answer conversations), ``DIR/prefs.jsonl`` (the correct answer chosen over a
-near miss), ``DIR/heldout.jsonl`` (``{"prompt", "answer"}`` items never in the training files) and ``DIR/text.txt``
-(plain text to train a tokenizer and pretrain on). The answer is checked by exact match (``is_correct``).
+writes ``DIR/sft.jsonl`` (question -> response conversations), ``DIR/prefs.jsonl`` (the correct response chosen over a
+near miss), ``DIR/rl.jsonl`` (RL prompts ``{"prompt", "answer"}`` of the training items, for ``posttrain.grpo`` and
+``posttrain.rejection_sample``), ``DIR/heldout.jsonl`` (``{"prompt", "answer", "rejected"}`` items never in the
+training files) and ``DIR/text.txt`` (plain text to train a tokenizer and pretrain on). ``add`` and ``copy`` are
+checked by exact match of the whole completion (``is_correct``); ``reason`` by the final answer, as the built-in
+``accuracy`` reward of ``posttrain.rl.rewards`` does (the ``<answer>`` tag), and its format by ``format_reward``.
 """
 from __future__ import annotations
 
@@ -50,16 +55,24 @@ def _copy_items(rng: random.Random, n: int, digits: int = 6) -> list[tuple[str, 
     return out
 
 
-TASKS = {"add": _add_items, "copy": _copy_items}
-"""Task name -> item maker: ``add`` (347+5=), ``copy`` (repeat 482130)."""
+TASKS = {"add": _add_items, "copy": _copy_items, "reason": _copy_items}
+"""Task name -> item maker: ``add`` (347+5=), ``copy`` (repeat 482130), ``reason`` (copy's items, R1's format)."""
+
+
+def reasoning(prompt: str, answer: str) -> str:
+    """The ``reason`` task's response: the prompt's digits read out inside ``<think>``, then ``answer`` (the right
+    one, or a near miss) inside ``<answer>``: ``<think>4 8 2 1 3 0</think><answer>482130</answer>``."""
+    return f"<think>{' '.join(prompt.removeprefix('repeat '))}</think><answer>{answer}</answer>"
 
 
 def is_correct(prompt: str, completion: str) -> bool:
-    """Exact match of the completion (stripped) with the prompt's answer (the sum, or the repeated string)."""
-    if prompt.startswith("repeat "):
-        return completion.strip() == prompt[len("repeat "):]
-    a, b = prompt.rstrip("=").split("+")
-    return completion.strip() == str(int(a) + int(b))
+    """Exact match of the completion (stripped) with the prompt's answer (the sum, or the repeated string); a
+    completion with an ``<answer>`` tag (the ``reason`` task) is judged by its final answer only."""
+    answer = prompt[len("repeat "):] if prompt.startswith("repeat ") else str(sum(map(int, prompt[:-1].split("+"))))
+    if "<answer>" in completion:
+        from posttrain.rl.rewards import accuracy
+        return accuracy(prompt, completion, {"answer": answer}) == 1.0
+    return completion.strip() == answer
 
 
 def make(num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> dict:
@@ -69,21 +82,24 @@ def make(num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> 
     if len(items) < num_train + num_heldout:
         raise ValueError(f"{num_train} + {num_heldout} items: task {task} has only {len(items)} distinct ones")
     heldout, train = items[:num_heldout], items[num_heldout:]
-    sft = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p, a, _ in train]
-    prefs = [{"prompt": p, "chosen": a, "rejected": w} for p, a, w in train]
-    text = "\n".join(f"{p} gives {a}. {p}: {a}" for p, a, _ in train)
-    return {"sft": sft, "prefs": prefs, "text": text,
-            "heldout": [{"prompt": p, "answer": a, "rejected": w} for p, a, w in heldout]}
+    respond = reasoning if task == "reason" else lambda prompt, answer: answer
+    sft = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": respond(p, a)}]}
+           for p, a, _ in train]
+    prefs = [{"prompt": p, "chosen": respond(p, a), "rejected": respond(p, w)} for p, a, w in train]
+    text = "\n".join(f"{p} gives {respond(p, a)}. {p}: {respond(p, a)}" for p, a, _ in train)
+    return {"sft": sft, "prefs": prefs, "text": text, "rl": [{"prompt": p, "answer": a} for p, a, _ in train],
+            "heldout": [{"prompt": p, "answer": a, "rejected": respond(p, w)} for p, a, w in heldout]}
 
 
 def write(out: str | Path, num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = make(num_train, num_heldout, seed, task)
-    for name in ("sft", "prefs", "heldout"):
+    names = ("sft", "prefs", "rl", "heldout")
+    for name in names:
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[name]))
     (out / "text.txt").write_text(data["text"] + "\n")
-    return {name: str(out / f"{name}.jsonl") for name in ("sft", "prefs", "heldout")} | {"text": str(out / "text.txt")}
+    return {name: str(out / f"{name}.jsonl") for name in names} | {"text": str(out / "text.txt")}
 
 
 def main(argv: list[str] | None = None) -> int:
