@@ -348,7 +348,7 @@ class RLConfig:
     """[{fn: "module:function" or a built-in (accuracy, format, language_consistency), weight: w, name: optional}];
     fn(prompt, completion, sample) -> float, the total is sum weight * value."""
     group_size: int = 16
-    """G: samples per prompt; the group's mean reward is the baseline."""
+    """G: samples per prompt; the group's mean reward is GRPO's baseline (>= 2; PPO: any)."""
     prompts_per_step: int = 32
     """Prompts per rollout (split over the data-parallel ranks)."""
     max_new_tokens: int = 256
@@ -373,7 +373,7 @@ class RLConfig:
     loss_agg: str = "seq-mean-token-mean"
     """seq-mean-token-mean (GRPO), token-mean (DAPO) or seq-mean-token-sum-norm (Dr. GRPO: / max_new_tokens)."""
     normalize_std: bool = True
-    """Divide the group-centred reward by the group's std (false: Dr. GRPO)."""
+    """Divide the group-centred reward by the group's std (false: Dr. GRPO); PPO: whiten the GAE advantages."""
     eps_std: float = 1.0e-6
     """epsilon_std in (r - mean) / (std + epsilon_std)."""
     updates_per_rollout: int = 1
@@ -392,6 +392,16 @@ class RLConfig:
     """MoE: replay the experts routed at the pi_old forward in the training forward."""
     bias_update_speed: float = 0.0
     """MoE aux-loss-free bias speed during RL (replaces moe.bias_update_speed; 0 = the bias is frozen)."""
+    critic_init: str | None = None
+    """PPO: the critic's weights (a posttrain.rm run or step directory: its value head too); null = the policy's."""
+    critic_lr: float | None = None
+    """PPO: the critic's constant learning rate; null = optim.lr."""
+    gamma: float = 1.0
+    """PPO: GAE discount."""
+    lam: float = 0.95
+    """PPO: GAE lambda."""
+    value_clip: float = 0.2
+    """PPO: the value loss's clip range around the rollout's values."""
 
 
 SECTIONS = {
@@ -757,8 +767,10 @@ def validate(cfg: Config) -> None:
 
 def validate_rl(r: RLConfig) -> None:
     for k in ("group_size", "prompts_per_step", "max_new_tokens", "updates_per_rollout", "dynamic_sampling_max_rounds"):
-        _check(getattr(r, k) >= (2 if k == "group_size" else 1), f"rl.{k}={getattr(r, k)}: must be >= "
-               f"{2 if k == 'group_size' else 1}")
+        _check(getattr(r, k) >= 1, f"rl.{k}={getattr(r, k)}: must be >= 1")
+    _check(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, f"rl.gamma={r.gamma}, rl.lam={r.lam}: both must be in [0, 1]")
+    _check(r.value_clip > 0 and (r.critic_lr is None or r.critic_lr > 0),
+           f"rl.value_clip={r.value_clip}, rl.critic_lr={r.critic_lr}: must be positive")
     _check(r.temperature > 0, f"rl.temperature={r.temperature}: must be > 0 (G samples of a greedy policy are equal)")
     _check(0 < r.top_p <= 1, f"rl.top_p={r.top_p}: must be in (0, 1]")
     for k in ("kl_coef", "clip_eps_low", "ref_reset_interval", "bias_update_speed"):

@@ -190,6 +190,10 @@ class Objective:
         loss, parts = total_loss(out, weights)
         return loss, parts, out
 
+    def before_checkpoint(self, step: int) -> None:
+        """Save what the objective trains outside ``engine`` (PPO's critic) for the checkpoint of ``step``, before
+        that checkpoint is published; ``build_data`` (after the resume) restores it for ``state.step``."""
+
     def eval_loss(self, model, batch: dict) -> torch.Tensor:
         """The held-out value ``maybe_eval`` averages (``eval/loss``): the main head's loss (no MTP, no balance)."""
         return model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"]).lm_loss
@@ -442,6 +446,7 @@ def truncate_metrics_log(run_dir: Path, resumed_step: int) -> None:
 
 def maybe_checkpoint(run: Run, step: int, force: bool) -> None:
     if force or step % run.cfg.train.save_interval == 0:
+        run.objective.before_checkpoint(step)
         save_checkpoint(run.engine, run.cfg, run.state, run.schedule_state)
     if force:  # the last step or a preemption: the process exits next, so an async save must finish first
         wait_for_pending_save()

@@ -1,5 +1,5 @@
-"""GRPO with FIXED rollouts, for the layout-parity tests: ``python tests/grpo_fixed.py`` takes ``posttrain.grpo``'s
-command line; each output is a function of its prompt and its place in the group only (not of the layout, the
+"""GRPO / PPO with FIXED rollouts, for the layout-parity tests: ``python tests/grpo_fixed.py grpo|ppo`` then
+``posttrain.grpo``'s command line; each output is a function of its prompt and its place in the group only (not of the layout, the
 rank or the weights), so every layout trains on the same rollouts. Also the tests' reward ``grpo_fixed:digit_share``
 (import with tests/ on PYTHONPATH)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from posttrain.rl.ppo import PPOObjective  # noqa: E402
 from posttrain.rl.trainer import GRPOObjective  # noqa: E402
 from posttrain.stage import exit_after, run_stage  # noqa: E402
 
@@ -24,7 +25,7 @@ def digits_if_odd(prompt, completion: str, sample: dict) -> float:
     return digit_share(prompt, completion, sample) if int(sample["answer"]) % 2 else 0.0
 
 
-class FixedGRPO(GRPOObjective):
+class FixedSamples:
     def sample(self, prompts, seed):
         outputs, G = [], self.cfg.rl.group_size
         for i, ids in enumerate(prompts):
@@ -37,5 +38,13 @@ class FixedGRPO(GRPOObjective):
         return outputs, None
 
 
+class FixedGRPO(FixedSamples, GRPOObjective):
+    pass
+
+
+class FixedPPO(FixedSamples, PPOObjective):
+    pass
+
+
 if __name__ == "__main__":
-    exit_after(run_stage(FixedGRPO(), sys.argv[1:]))
+    exit_after(run_stage({"grpo": FixedGRPO, "ppo": FixedPPO}[sys.argv[1]](), sys.argv[2:]))

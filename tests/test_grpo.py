@@ -1,4 +1,4 @@
-"""posttrain.grpo end to end on the tiny preset: the ratio is exactly 1 on each rollout's first mini-batch (and not on
+"""posttrain.grpo (and posttrain.ppo) end to end on the tiny preset: the ratio is exactly 1 on each rollout's first mini-batch (and not on
 the later ones), the rl.* config errors, exact resume mid-rollout and at a rollout boundary (the rollout regenerated
 from its seed), and the layouts (dp2 ZeRO-1, tp2, dp2-ep2) giving the single process's losses on fixed rollouts
 (tests/grpo_fixed.py). A rollout is 4 prompts x G 4 = 16 outputs, 2 mini-batches of 8 (steps 1-2: rollout 0, 3-4:
@@ -33,9 +33,9 @@ def rl_data(tmp_path_factory):
     return out
 
 
-def grpo(out, rl_data, monkeypatch, *overrides, nproc=1, fixed=False, check=True):
+def grpo(out, rl_data, monkeypatch, *overrides, nproc=1, fixed=False, check=True, stage="grpo"):
     monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the reward grpo_fixed:digit_share
-    entry = [str(TESTS / "grpo_fixed.py")] if fixed else ["-m", "posttrain.grpo"]
+    entry = [str(TESTS / "grpo_fixed.py"), stage] if fixed else ["-m", f"posttrain.{stage}"]
     args = [*entry, "--config", "tiny", f"data.paths=[{rl_data / 'rl.jsonl'}]", f"data.tokenizer={rl_data / 'tok.model'}",
             f"train.output_dir={out}", 'rl.rewards=[{fn: "grpo_fixed:digit_share"}]', "rl.group_size=4",
             "rl.prompts_per_step=4", "rl.max_new_tokens=8", "data.seq_length=32", "train.global_batch_size=8",
@@ -173,3 +173,39 @@ def test_routing_replay_dynamic_sampling_and_kl_in_reward(fixed_single, rl_data,
     klr = losses(tmp_path / "klr")
     assert klr[0]["loss"] == pytest.approx(fixed_single[0]["loss"], abs=1e-7)  # KL 0 before the first update
     assert klr[1]["rl/kl"] > 0 and klr[2]["loss"] != fixed_single[2]["loss"]
+
+
+PPO_KEYS = KEYS + ("rl/value_loss", "rl/value_mean", "rl/value_clip_fraction")
+
+
+@pytest.fixture(scope="module")
+def ppo_single(rl_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        grpo(out, rl_data, mp, "rl.group_size=1", "rl.prompts_per_step=16", fixed=True, stage="ppo")
+    return out
+
+
+def test_ppo_trains_policy_and_critic(ppo_single):
+    """PPO on fixed rollouts: rho == 1 on each rollout's first mini-batch; the critic's engine steps (its values
+    move after the first mini-batch) and is checkpointed beside the policy."""
+    records = losses(ppo_single)
+    assert [r["rl/ratio"] == 1.0 for r in records] == [True, False, True, False]
+    assert records[0]["rl/value_clip_fraction"] == 0.0  # the critic has not moved from its rollout values yet
+    assert records[0]["rl/value_mean"] != records[1]["rl/value_mean"]
+    assert (ppo_single / "critic" / "step_0000004").is_dir()
+
+
+@pytest.mark.slow
+def test_ppo_resume_and_dp2_layout(ppo_single, rl_data, tmp_path, monkeypatch):
+    """Stopped mid-rollout (step 3) and resumed == the whole run, the critic included (its checkpoint reloaded);
+    dp2 ZeRO-1 == one process."""
+    parts, args = tmp_path / "parts", ("rl.group_size=1", "rl.prompts_per_step=16")
+    grpo(parts, rl_data, monkeypatch, *args, "train.exit_at_step=3", fixed=True, stage="ppo")
+    grpo(parts, rl_data, monkeypatch, *args, fixed=True, stage="ppo")
+    assert _untimed(losses(parts)) == _untimed(losses(ppo_single))
+    _same_weights(ppo_single / "step_0000004", parts / "step_0000004")
+    grpo(tmp_path / "dp2", rl_data, monkeypatch, *args, "parallel.zero_stage=1", nproc=2, fixed=True, stage="ppo")
+    for a, b in zip(losses(tmp_path / "dp2"), losses(ppo_single)):
+        for k in PPO_KEYS:
+            assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)

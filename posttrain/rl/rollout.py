@@ -158,8 +158,12 @@ class Rollout:
     """(n, S - 1) fp32 per-token log-probs of this rank's rows (0 off the response)."""
     routes: torch.Tensor | None = None
     """(n, L, S - 1, K) int16 experts routed at the pi_old forward (MoE), for replay and the flip rate."""
+    token_advantages: torch.Tensor | None = None
+    values_old: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    """PPO: (n, S - 1) fp32 GAE advantages (whitened), the critic's values at rollout time, the value targets."""
 
-    LOCAL = ("logp_old", "logp_ref", "routes")
+    LOCAL = ("logp_old", "logp_ref", "routes", "token_advantages", "values_old", "returns")
 
     def state(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}

@@ -94,6 +94,8 @@ class GRPOObjective(PosttrainObjective):
         if t.batch_size_rampup or t.batch_ramp_start is not None:
             raise ConfigError("train.batch_size_rampup / train.batch_ramp_start: a GRPO mini-batch is "
                               "train.global_batch_size sequences throughout; remove the ramp")
+        if self.stage == "grpo" and r.group_size < 2:
+            raise ConfigError(f"rl.group_size={r.group_size}: GRPO's baseline is the group mean; use >= 2")
         checked = super().preflight(cfg, world_size, rank)
         dp, n = checked.topo.dp_size, r.prompts_per_step * r.group_size
         if r.prompts_per_step % dp:
@@ -211,12 +213,7 @@ class GRPOObjective(PosttrainObjective):
                              torch.zeros(P * G), {}, rows)
         self.forward_old_and_ref(rollout)
         local_mask = mask[rows]
-        if r.kl_in_reward and rollout.logp_ref is not None:
-            kl = kl_estimate(rollout.logp_old, rollout.logp_ref, r.kl_estimator)
-            kl_sum = torch.zeros(P * G, dtype=torch.float64)
-            kl_sum[rows] = torch.where(local_mask, kl, 0.0).sum(-1).double()
-            scores = scores - r.kl_coef * self._dp_sum(kl_sum).float()
-        rollout.advantages = grpo_advantages(scores, G, normalize_std=r.normalize_std, eps_std=r.eps_std)
+        self.compute_advantages(rollout, scores, mask)
         lp_rollout = glob["logp_rollout"][rows]
         seen = local_mask & ~lp_rollout.isnan()
         mismatch = self._dp_sum(torch.stack([torch.where(seen, (lp_rollout - rollout.logp_old).abs(), 0.0).sum(),
@@ -227,13 +224,25 @@ class GRPOObjective(PosttrainObjective):
                            "rl/response_length": float(glob["resp_len"].float().mean()),
                            "rl/logprob_mismatch": float(mismatch[0] / mismatch[1]) if mismatch[1] else 0.0,
                            "rl/rollout_seconds": time.perf_counter() - start,
-                           "rl/informative_groups": 1.0 - float(uniform_groups(glob["rewards"], G).float().mean()),
+                           "rl/informative_groups": 1.0 - float(uniform_groups(glob["rewards"], G).float().mean())
+                           if G > 1 else 1.0,
                            **{f"rl/reward/{w.name}": float(m) for w, m in zip(self.rewards, means)}}
         ro.save_rollout(rollout, self.cfg, topo)
         if dist.get_rank() == 0:
             ro.prune_rollouts(self.cfg, self.steps_per_rollout, r.ref_reset_interval)
         self.cursor = cursor
         return rollout
+
+    def compute_advantages(self, rollout: ro.Rollout, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        """GRPO: the group advantage of each output's score (N,) (minus beta sum_t KL_t with rl.kl_in_reward);
+        ``mask`` (N, S - 1) the response tokens."""
+        r, rows = self.cfg.rl, rollout.rows
+        if r.kl_in_reward and rollout.logp_ref is not None:
+            kl = kl_estimate(rollout.logp_old, rollout.logp_ref, r.kl_estimator)
+            kl_sum = torch.zeros(len(scores), dtype=torch.float64)
+            kl_sum[rows] = torch.where(mask[rows], kl, 0.0).sum(-1).double()
+            scores = scores - r.kl_coef * self._dp_sum(kl_sum).float()
+        rollout.advantages = grpo_advantages(scores, r.group_size, normalize_std=r.normalize_std, eps_std=r.eps_std)
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         device = self.model.embed_tokens.weight.device
@@ -295,7 +304,8 @@ class GRPOObjective(PosttrainObjective):
         device = b["input_ids"].device
         rows = rollout.rows[pos]
         b["mask"] = rollout.loss_mask[rows].to(device)
-        b["advantages"] = rollout.advantages[rows].to(device)
+        adv = rollout.advantages[rows] if rollout.token_advantages is None else rollout.token_advantages[pos]
+        b["advantages"] = adv.to(device)
         b["logp_old"] = rollout.logp_old[pos].to(device)
         b["logp_ref"] = None if rollout.logp_ref is None else rollout.logp_ref[pos].to(device)
         b["routes"] = None if rollout.routes is None else rollout.routes[pos]
@@ -349,8 +359,9 @@ class _RolloutStream:
         k = ((o.step - 1) % o.steps_per_rollout) % o.minibatches
         share = global_batch // o.topo.dp_size
         positions = torch.arange(k * share, (k + 1) * share)
-        o.denominator = denominator(o.cfg.rl.loss_agg, rollout.loss_mask[k * global_batch:(k + 1) * global_batch],
-                                    global_batch)
+        minibatch = rollout.loss_mask[k * global_batch:(k + 1) * global_batch]
+        o.denominator = denominator(o.cfg.rl.loss_agg, minibatch, global_batch)
+        o.token_denominator, o.micro = denominator("token-mean", minibatch, global_batch), 0
         o.update_start = time.perf_counter()
         return o.micro_batches(rollout, positions)
 

@@ -1,0 +1,149 @@
+"""PPO on the pretraining loop: ``PPOObjective`` (``python -m posttrain.ppo``), GRPO's rollout loop
+(posttrain.rl.trainer) with a critic instead of the group baseline (InstructGPT's PPO; Ziegler et al. 2019):
+
+* critic: a second model in the same layout with its own DeepSpeed engine (optimizer, ZeRO partition), its value
+  head the LM head's row ``VALUE_ROW`` (``posttrain.objectives``: the reward model's trick, so an RM run's weights
+  load unchanged); initialised from ``rl.critic_init`` (a ``posttrain.rm`` run: its trained value head) or the
+  policy's init weights with a fresh value head; learning rate ``rl.critic_lr`` (constant; null = optim.lr);
+* per-token rewards ``kl_penalized_rewards``: -beta k_t on every response token (``rl.kl_estimator`` between pi_old
+  and the frozen reference; the KL is always in the reward), the rule/RM score on the last one;
+* ``gae`` (``rl.gamma``, ``rl.lam``) on the critic's values at rollout time; the advantages whitened over the whole
+  rollout (every rank's response tokens; ``rl.normalize_std``);
+* per micro-batch: the clipped policy loss (``rl.clip_eps_low/high``, ``rl.loss_agg``; token-mean is PPO's usual) on
+  the policy engine, and the clipped value loss (``value_loss``, ``rl.value_clip``, token-mean over the mini-batch's
+  global token count) on the critic's engine, which steps at the same mini-batch boundary.
+
+``rl.group_size`` may be 1 (PPO needs no group). The critic is checkpointed to ``train.output_dir/critic/step_N``
+before each policy checkpoint (``Objective.before_checkpoint``) and reloaded on resume (same layout: DeepSpeed's own
+files). Metrics: GRPO's plus ``rl/value_loss``, ``rl/value_clip_fraction``, ``rl/value_mean``.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from posttrain.objectives import balance_loss, init_value_row, value_of_row, value_of_row_tp
+from posttrain.rl import rollout as ro
+from posttrain.rl.advantages import gae
+from posttrain.rl.objectives import kl_penalized_rewards, masked_mean, value_loss
+from posttrain.rl.trainer import BASE_NAMES, GRPOObjective
+from posttrain.stage import PosttrainObjective
+
+PPO_NAMES = BASE_NAMES + ("rl/value_loss", "rl/value_clip_fraction", "rl/value_mean")
+
+
+class _Critic(PosttrainObjective):
+    """``build_model_for``'s finishing step for the critic: values from the LM head's row ``VALUE_ROW``."""
+
+    def __init__(self, fresh_head: bool):
+        self.fresh_head = fresh_head
+
+    def prepare_model(self, model, cfg, topo):
+        if self.fresh_head:
+            init_value_row(model, cfg, topo, cfg.train.seed + 1)
+        model.loss_fn = value_of_row_tp if topo.tp > 1 else value_of_row
+        return model
+
+
+class PPOObjective(GRPOObjective):
+    """Proximal policy optimisation with a critic on on-policy rollouts of the training model."""
+
+    stage = "ppo"
+
+    def preflight(self, cfg, world_size, rank):
+        cfg.rl.kl_in_reward = True  # PPO's KL penalty is per token, in the reward
+        checked = super().preflight(cfg, world_size, rank)
+        self.names = PPO_NAMES + tuple(f"rl/reward/{w.name}" for w in self.rewards)
+        return checked
+
+    def prepare_model(self, model, cfg, topo):
+        from pretrain.engine import build_engine, set_lr
+        from pretrain.train import build_model_for
+
+        model = super().prepare_model(model, cfg, topo)
+        critic_cfg = copy.deepcopy(cfg)
+        if cfg.rl.critic_init:
+            critic_cfg.train.init_from = cfg.rl.critic_init
+        critic = build_model_for(critic_cfg, topo, _Critic(fresh_head=not cfg.rl.critic_init))
+        self.critic = build_engine(critic, cfg, topo, cfg.train.global_batch_size)
+        set_lr(self.critic, cfg.rl.critic_lr or cfg.optim.lr)
+        self.micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)
+        return model
+
+    def build_data(self, cfg, topo, state, pin_memory):
+        from pretrain.checkpoint import _load_engine_files, tag_for
+
+        if state.step:  # the critic of the resumed checkpoint (saved just before it)
+            _load_engine_files(self.critic, cfg, critic_dir(cfg), tag_for(state.step))
+        return super().build_data(cfg, topo, state, pin_memory)
+
+    def before_checkpoint(self, step: int) -> None:
+        from pretrain.checkpoint import complete_tags, tag_for
+
+        root = critic_dir(self.cfg)
+        self.critic.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
+        if dist.get_rank() == 0:  # the critics of checkpoints that were pruned
+            keep = set(complete_tags(Path(self.cfg.train.output_dir))) | {tag_for(step)}
+            for d in root.glob("step_*"):
+                if d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    @torch.no_grad()
+    def forward_old_and_ref(self, rollout: ro.Rollout) -> None:
+        super().forward_old_and_ref(rollout)
+        values = []
+        for pos in self.micro_batches(rollout, torch.arange(len(rollout.rows))):
+            b = self._inputs(rollout, pos)
+            values.append(self.critic.module(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu())
+        rollout.values_old = torch.cat(values)
+
+    def compute_advantages(self, rollout: ro.Rollout, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        """Per-token KL-penalised rewards -> GAE on the rollout's values -> advantages whitened over every rank's
+        response tokens (the population variance, as ``masked_whiten``)."""
+        r, local = self.cfg.rl, mask[rollout.rows]
+        ref = rollout.logp_old if rollout.logp_ref is None else rollout.logp_ref
+        rewards = kl_penalized_rewards(scores[rollout.rows], rollout.logp_old, ref, local, r.kl_coef, r.kl_estimator)
+        advantages, rollout.returns = gae(rewards, rollout.values_old, local, r.gamma, r.lam)
+        if r.normalize_std:
+            kept = torch.where(local, advantages, 0.0).double()
+            total, squares, count = self._dp_sum(torch.stack([kept.sum(), (kept * kept).sum(),
+                                                              local.sum().double()])).tolist()
+            mean = total / max(count, 1)
+            var = squares / max(count, 1) - mean * mean
+            advantages = torch.where(local, (advantages - mean) / (max(var, 0.0) + 1e-8) ** 0.5, 0.0)
+        rollout.token_advantages = advantages.float()
+        rollout.advantages = torch.zeros(len(scores))
+
+    def batch(self, run, pos):
+        b = super().batch(run, pos)
+        device = b["input_ids"].device
+        b["values_old"], b["returns"] = self.rollout.values_old[pos].to(device), self.rollout.returns[pos].to(device)
+        return b
+
+    def loss(self, model, batch, weights):
+        loss, parts, out = super().loss(model, batch, weights)
+        from parallel.expert import sync_expert_grads
+
+        t, r, critic = self.cfg.train, self.cfg.rl, self.critic
+        self.micro += 1
+        boundary = self.micro == self.micro_per_step
+        critic.set_gradient_accumulation_boundary(boundary)
+        sync_expert_grads(critic.module, boundary or self.cfg.parallel.zero_stage >= 2)
+        out_v = critic(batch["input_ids"], labels=batch["labels"])
+        scale = t.global_batch_size // t.micro_batch_size  # DeepSpeed averages over the step's micro-batches, ranks
+        vl, vm = value_loss(out_v.lm_loss, batch["values_old"], batch["returns"], batch["mask"],
+                            eps_value=r.value_clip, denominator=self.token_denominator)
+        critic.backward(vl * scale + balance_loss(out_v, weights))
+        critic.step()
+        parts.update({"rl/value_loss": (vl * scale).detach().float(),
+                      "rl/value_clip_fraction": vm["value_clip_fraction"].detach().float(),
+                      "rl/value_mean": masked_mean(out_v.lm_loss.detach().float(), batch["mask"])})
+        return loss, parts, out
+
+
+def critic_dir(cfg) -> Path:
+    return Path(cfg.train.output_dir) / "critic"
