@@ -131,3 +131,34 @@ def test_bias_update_checks_layer_count():
     holder.router = Router(router_cfg())
     with pytest.raises(ValueError, match="2 rows but the model has 1 MoE layers"):
         update_expert_bias(holder, torch.zeros(2, 16), 0.001)
+
+
+def test_few_token_copies_skip_empty_experts_with_equal_results(monkeypatch):
+    """On the CPU a handful of copies (decoding) runs only the experts hit, per expert, instead of ``_grouped_mm``
+    over all of them: the same per-expert products (float reassociation apart: the kernels differ);
+    MoE(stats=False) (decoding) returns the same output and no balance statistics."""
+    from pretrain.model.moe import MoE, _grouped_swiglu
+    torch.manual_seed(0)
+    experts = GroupedExperts(64, 32, 48)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    for copies in (1, 2, 8):
+        idx = torch.randint(0, 64, (copies,)).sort().values
+        counts = moe.expert_counts(idx, 64)
+        x = torch.randn(copies, 32)
+        assert copies * moe.SMALL_BATCH_COPIES <= 64  # the per-expert path
+        calls = []
+        monkeypatch.setattr(moe, "_grouped_swiglu", lambda *a: calls.append(1) or _grouped_swiglu(*a))
+        with torch.no_grad():
+            got = experts.compute(x, counts)
+        assert not calls  # the per-expert loop ran
+        want = _grouped_swiglu(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer = MoE(router_cfg(hidden_size=32, n_routed_experts=64, n_group=8, topk_group=4, moe_intermediate_size=48,
+                           n_shared_experts=1))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 1, 32)
+    y, stats = layer(x)
+    y_decode, none = layer(x, stats=False)
+    assert torch.equal(y, y_decode) and none is None and set(stats) >= {"load", "seq_aux", "dropped"}

@@ -98,15 +98,26 @@ class GroupedExperts(nn.Module):
         One ``torch._grouped_mm`` per projection (a single kernel over ragged groups, no host sync; faster than
         the loop: measured in bench/results.md, "Components vs the plain PyTorch op") on CPU in fp32/bf16
         and on CUDA in bf16 from sm90 (the kernel's limits). Otherwise a loop over the contiguous per-expert
-        slices (never a mask over all tokens per expert), which reads the counts on the host.
+        slices (never a mask over all tokens per expert), which reads the counts on the host. The loop also runs
+        on the CPU for a handful of token copies without autograd (decoding: ``SMALL_BATCH_COPIES``): the CPU
+        ``_grouped_mm`` visits every expert, empty or not, while the loop skips the empty ones (the same
+        per-expert products; other kernels, so equal up to float reassociation).
         """
-        if _grouped_mm_ok(x_sorted):
+        small = (x_sorted.device.type == "cpu" and x_sorted.shape[0] * SMALL_BATCH_COPIES <= self.num_experts
+                 and not torch.is_grad_enabled())  # training keeps one kernel whatever its micro-batch
+        if _grouped_mm_ok(x_sorted) and not small:
             return _grouped_swiglu(x_sorted, counts, self.gate_proj, self.up_proj, self.down_proj)
-        outs = []
+        outs = [x_sorted[:0]]
         for e, xs in enumerate(x_sorted.split(counts.tolist())):
-            h = F.silu(F.linear(xs, self.gate_proj[e])) * F.linear(xs, self.up_proj[e])
-            outs.append(F.linear(h, self.down_proj[e]))
+            if xs.shape[0]:
+                h = F.silu(F.linear(xs, self.gate_proj[e])) * F.linear(xs, self.up_proj[e])
+                outs.append(F.linear(h, self.down_proj[e]))
         return torch.cat(outs)
+
+
+SMALL_BATCH_COPIES = 8
+"""CPU: the per-expert loop replaces ``_grouped_mm`` when there are at most (num_experts / this) token copies
+(measured: 2 copies over 64 experts 2.5x faster, 16 about even; bench/results.md, generation)."""
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -292,12 +303,13 @@ class MoE(nn.Module):
         self.capacity_factor = None
         """Device-level token dropping in training (``moe.capacity_factor``, set by :func:`set_token_dropping`)."""
 
-    def forward(self, x: torch.Tensor, exempt: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, exempt: torch.Tensor | None = None, stats: bool = True
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """x (B, T, H), exempt (B,) bool or None (sequences never dropped: ``exempt_sequences``, given by the model;
         None = a choice from this layer's routing, ``drop_exempt_sequences``) -> y (B, T, H), this layer's stats: ``{"load": (E,) float tokens per expert (before dropping),
         "seq_aux", "expert_aux", "device_aux", "comm_aux": () unweighted balance terms (``balance_losses``;
-        ``pretrain.loss.BALANCE_TERMS`` names each term's weight), "dropped": () token copies dropped}``."""
+        ``pretrain.loss.BALANCE_TERMS`` names each term's weight), "dropped": () token copies dropped}``, or None
+        with ``stats=False`` (decoding: nothing reads them; their cost is measured in bench/results.md, generation)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight, scores = self.gate(flat)
@@ -311,10 +323,12 @@ class MoE(nn.Module):
         y = self.experts(flat, topk_idx, topk_weight, keep).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        stats = balance_losses(scores, topk_idx, B, self.n_group, self.topk_group)
-        stats["load"] = expert_counts(topk_idx.flatten(), self.gate.num_experts).float()
-        stats["dropped"] = (scores.new_zeros(()) if keep is None else (~keep).sum().float())
-        return y, stats
+        if not stats:
+            return y, None
+        terms = balance_losses(scores, topk_idx, B, self.n_group, self.topk_group)
+        terms["load"] = expert_counts(topk_idx.flatten(), self.gate.num_experts).float()
+        terms["dropped"] = (scores.new_zeros(()) if keep is None else (~keep).sum().float())
+        return y, terms
 
 
 def set_token_dropping(model: nn.Module, capacity_factor: float | None) -> None:

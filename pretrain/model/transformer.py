@@ -93,10 +93,11 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: torch.Tensor | None = None, cache=None, exempt: torch.Tensor | None = None):
         """h (B, T, H), document_ids (B, T) or None, cache: this layer's KV cache or None (decoding), exempt (B,)
-        sequences never token-dropped (``moe.exempt_sequences``) -> (h (B, T, H), MoE stats dict or None)."""
+        sequences never token-dropped (``moe.exempt_sequences``) -> (h (B, T, H), MoE stats dict or None: None for
+        a dense layer and when decoding)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, document_ids=document_ids, cache=cache)
         x = self.post_attention_layernorm(h)
-        out = self.mlp(x, exempt) if isinstance(self.mlp, MoE) else self.mlp(x)
+        out = self.mlp(x, exempt, stats=cache is None) if isinstance(self.mlp, MoE) else self.mlp(x)
         stats = None
         if isinstance(out, tuple):
             out, stats = out
