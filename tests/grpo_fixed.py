@@ -25,6 +25,10 @@ def digits_if_odd(prompt, completion: str, sample: dict) -> float:
     return digit_share(prompt, completion, sample) if int(sample["answer"]) % 2 else 0.0
 
 
+def broken(prompt, completion: str, sample: dict) -> float:
+    return 1 / 0
+
+
 class FixedSamples:
     def sample(self, prompts, seed):
         outputs, G = [], self.cfg.rl.group_size

@@ -74,6 +74,8 @@ def test_one_minibatch_per_rollout_is_on_policy_everywhere(rl_data, tmp_path, mo
     ("rl.prompts_per_step=3", r"^error: rl.prompts_per_step x rl.group_size = 12 outputs must split into "
                               r"mini-batches of train.global_batch_size=8"),
     ("rl.rewards=[]", r"^error: rl.rewards must be a non-empty list"),
+    ('rl.rewards=[{fn: "grpo_fixed:broken"}]', r"^error: reward 'grpo_fixed:broken' raised ZeroDivisionError: "
+                                              r"division by zero on sample 0 \{'prompt': "),
 ])
 def test_config_errors_are_one_line(override, message, rl_data, tmp_path, monkeypatch):
     proc = grpo(tmp_path / "run", rl_data, monkeypatch, override, check=False)

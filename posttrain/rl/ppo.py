@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from posttrain.objectives import balance_loss, init_value_row, value_of_row, value_of_row_tp
 from posttrain.rl import rollout as ro
@@ -98,7 +99,8 @@ class PPOObjective(GRPOObjective):
         values = []
         for pos in self.micro_batches(rollout, torch.arange(len(rollout.rows))):
             b = self._inputs(rollout, pos)
-            values.append(self.critic.module(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu())
+            v = self.critic.module(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu()
+            values.append(F.pad(v, (0, self.cfg.data.seq_length - 1 - b["width"])))
         rollout.values_old = torch.cat(values)
 
     def compute_advantages(self, rollout: ro.Rollout, scores: torch.Tensor, mask: torch.Tensor) -> None:
@@ -121,7 +123,9 @@ class PPOObjective(GRPOObjective):
     def batch(self, run, pos):
         b = super().batch(run, pos)
         device = b["input_ids"].device
-        b["values_old"], b["returns"] = self.rollout.values_old[pos].to(device), self.rollout.returns[pos].to(device)
+        w = b["width"]
+        b["values_old"] = self.rollout.values_old[pos, :w].to(device)
+        b["returns"] = self.rollout.returns[pos, :w].to(device)
         return b
 
     def loss(self, model, batch, weights):

@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from posttrain.objectives import _FrozenReference, balance_loss, per_token_nll, per_token_nll_tp
 from posttrain.rl import rollout as ro
@@ -151,7 +152,8 @@ class GRPOObjective(PosttrainObjective):
 
     def sample_round(self, index: int, round_: int, cursor: int) -> dict:
         """One round: this rank's P / dp prompts x G outputs, scored; gathered over DP into the global rows."""
-        from posttrain.rl.rewards import score
+        from data_pipeline.readers import DataError
+        from posttrain.rl.rewards import RewardError, score
 
         cfg, r, topo = self.cfg, self.cfg.rl, self.topo
         share = r.prompts_per_step // topo.dp_size
@@ -165,7 +167,10 @@ class GRPOObjective(PosttrainObjective):
         for i, (p, out) in enumerate(zip(prompts, outputs)):
             # ids past the tokenizer (the vocabulary's padding rows) decode to nothing
             text = self.tok.decode([t for t in (out[:-1] if out and out[-1] == eot else out) if t < vocab])
-            total, per = score(self.rewards, p.prompt, text, p.sample, index=i)
+            try:
+                total, per = score(self.rewards, p.prompt, text, p.sample, index=i)
+            except RewardError as e:  # one line (exit 2) instead of a traceback on every rank
+                raise DataError(str(e)) from None
             totals.append(total)
             values.append([per[w.name] for w in self.rewards])
         prompt_len = torch.tensor([len(p.ids) for p in prompts])
@@ -261,24 +266,30 @@ class GRPOObjective(PosttrainObjective):
             b = self._inputs(rollout, pos)
             hook = ro.RouteHook(self.routers)
             set_routes(self.routers, hook)
+            pad = self.cfg.data.seq_length - 1 - b["width"]  # stored at full width
             try:
-                old.append(-self.model(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu())
+                old.append(F.pad(-self.model(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu(), (0, pad)))
             finally:
                 set_routes(self.routers, None)
             if self.routers:
-                routes.append(hook.stacked(len(pos)).cpu())
+                routes.append(F.pad(hook.stacked(len(pos)).cpu(), (0, 0, 0, pad)))
             if self.reference is not None:
-                ref.append(-self.reference(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu())
+                ref.append(F.pad(-self.reference(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu(), (0, pad)))
         rollout.logp_old = torch.cat(old)
         rollout.logp_ref = torch.cat(ref) if ref else None
         rollout.routes = torch.cat(routes) if routes else None
 
     def _inputs(self, rollout: ro.Rollout, pos: torch.Tensor) -> dict:
+        """The micro-batch of this rank's rows ``pos``, cut after its longest row's last token (the padding to
+        data.seq_length is never computed); ``width`` = its number of label positions."""
         rows = rollout.rows[pos]
+        plen, rlen = rollout.prompt_len[rows], rollout.resp_len[rows]
+        width = int((plen + rlen).max())
         device = self.model.embed_tokens.weight.device
-        tokens = rollout.tokens[rows]
-        mask = ro.response_mask(rollout.prompt_len[rows], rollout.resp_len[rows], tokens.shape[1] - 1)
-        return {"input_ids": tokens[:, :-1].to(device), "labels": ro.labels_of(tokens, mask).to(device)}
+        tokens = rollout.tokens[rows, :width]
+        mask = ro.response_mask(plen, rlen, width - 1)
+        return {"input_ids": tokens[:, :-1].to(device), "labels": ro.labels_of(tokens, mask).to(device),
+                "width": width - 1}
 
     def rollout_for(self, step: int) -> ro.Rollout:
         index = (step - 1) // self.steps_per_rollout
@@ -302,13 +313,13 @@ class GRPOObjective(PosttrainObjective):
         rollout = self.rollout
         b = self._inputs(rollout, pos)
         device = b["input_ids"].device
-        rows = rollout.rows[pos]
-        b["mask"] = rollout.loss_mask[rows].to(device)
-        adv = rollout.advantages[rows] if rollout.token_advantages is None else rollout.token_advantages[pos]
+        rows, w = rollout.rows[pos], b["width"]
+        b["mask"] = rollout.loss_mask[rows, :w].to(device)
+        adv = rollout.advantages[rows] if rollout.token_advantages is None else rollout.token_advantages[pos, :w]
         b["advantages"] = adv.to(device)
-        b["logp_old"] = rollout.logp_old[pos].to(device)
-        b["logp_ref"] = None if rollout.logp_ref is None else rollout.logp_ref[pos].to(device)
-        b["routes"] = None if rollout.routes is None else rollout.routes[pos]
+        b["logp_old"] = rollout.logp_old[pos, :w].to(device)
+        b["logp_ref"] = None if rollout.logp_ref is None else rollout.logp_ref[pos, :w].to(device)
+        b["routes"] = None if rollout.routes is None else rollout.routes[pos, :, :w]
         b["denominator"] = self.denominator
         return b
 
