@@ -1,6 +1,6 @@
 """A generator of small verifiable tasks for the post-training examples and tests: ``add`` (a three-digit number plus a
 digit), ``copy`` (repeat a 6-digit string) and ``reason`` (``copy`` answered in DeepSeek-R1's format, the digits
-read out one by one first: ``repeat 482130`` -> ``<think>4 8 2 1 3 0</think><answer>482130</answer>``; a toy model
+read out one by one first: ``repeat 4821`` -> ``<think>4 8 2 1</think><answer>4821</answer>``; a toy model
 learns it in minutes of CPU, where the carry of ``add`` stays out of reach).
 
     python -m posttrain.arithmetic --output DIR [--task add|copy|reason --train 3000 --heldout 500 --seed 0]
@@ -15,6 +15,7 @@ checked by exact match of the whole completion (``is_correct``); ``reason`` by t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from pathlib import Path
@@ -55,13 +56,14 @@ def _copy_items(rng: random.Random, n: int, digits: int = 6) -> list[tuple[str, 
     return out
 
 
-TASKS = {"add": _add_items, "copy": _copy_items, "reason": _copy_items}
-"""Task name -> item maker: ``add`` (347+5=), ``copy`` (repeat 482130), ``reason`` (copy's items, R1's format)."""
+TASKS = {"add": _add_items, "copy": _copy_items, "reason": functools.partial(_copy_items, digits=4)}
+"""Task name -> item maker: ``add`` (347+5=), ``copy`` (repeat 482130), ``reason`` (copy's items of 4 digits, R1's
+format)."""
 
 
 def reasoning(prompt: str, answer: str) -> str:
     """The ``reason`` task's response: the prompt's digits read out inside ``<think>``, then ``answer`` (the right
-    one, or a near miss) inside ``<answer>``: ``<think>4 8 2 1 3 0</think><answer>482130</answer>``."""
+    one, or a near miss) inside ``<answer>``: ``<think>4 8 2 1</think><answer>4821</answer>``."""
     return f"<think>{' '.join(prompt.removeprefix('repeat '))}</think><answer>{answer}</answer>"
 
 

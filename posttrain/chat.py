@@ -40,7 +40,9 @@ class ChatTokenizer:
         return self.tok.encode(text)
 
     def decode(self, ids) -> str:
-        return self.tok.decode(ids)
+        """Text of ids; ids past the tokenizer (the model's vocabulary padding rows, which a barely trained model
+        can sample) decode to nothing."""
+        return self.tok.decode([i for i in ids if i < self.vocab_size])
 
 
 def render_text(messages: list[dict], add_generation_prompt: bool = False) -> str:

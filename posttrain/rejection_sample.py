@@ -23,8 +23,8 @@ threshold also applies to the best). Identical (prompt, completion) pairs are wr
 line ``{"messages": [...prompt messages, {"role": "assistant", "content": completion}]}`` that ``posttrain.sft``
 reads. A summary line (prompts, samples, kept, mean reward) and the dropped prompts by reason go to stdout.
 
-Sampling is reproducible with ``--seed`` for a given layout and ``--batch-size`` (each generate call is seeded with
-seed + its index).
+Sampling is reproducible with ``--seed`` for a given data-parallel size and ``--batch-size`` (generate call c of
+data-parallel rank d is seeded with seed + c x dp_size + d).
 """
 from __future__ import annotations
 
@@ -89,10 +89,11 @@ def select(scores: list[float], complete: list[bool], completions: list[str], ke
     return sorted(first.values()), None
 
 
-def sample_prompts(model, tok, prompts: list[list[dict]], mine: list[int], dp_size: int,
+def sample_prompts(model, tok, prompts: list[list[dict]], mine: list[int], dp_rank: int, dp_size: int,
                    args) -> list[list[list[int]]]:
     """K sampled completions (token ids) of each of this rank's prompts. Every rank makes the same number of
-    generate calls (an expert- or tensor-parallel forward is collective), a rank out of prompts with an empty list."""
+    generate calls (an expert- or tensor-parallel forward is collective), a rank out of prompts with an empty list;
+    call c of data-parallel rank d is seeded seed + c dp_size + d (tensor-parallel peers draw alike)."""
     from posttrain.chat import render
     from pretrain.generate import generate
 
@@ -103,7 +104,7 @@ def sample_prompts(model, tok, prompts: list[list[dict]], mine: list[int], dp_si
     for call in range(num_calls):
         chunk = mine[call * per_call:(call + 1) * per_call]
         rows = [render(tok, prompts[i], add_generation_prompt=True)[0] for i in chunk for _ in range(args.samples)]
-        seed = None if args.seed is None else args.seed + call
+        seed = None if args.seed is None else args.seed + call * dp_size + dp_rank
         new = generate(model, rows, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed,
                        stop_ids=[tok.end_of_turn_id])
         out.extend(new[j * args.samples:(j + 1) * args.samples] for j in range(len(chunk)))
@@ -129,7 +130,7 @@ def rejection_sample(args) -> dict:
     tok = ChatTokenizer(tokenizer_path)
     prompts = [messages for messages, _ in records]
     mine = list(range(len(prompts)))[dp_rank::dp_size]  # tensor-parallel peers share a dp rank
-    outputs = _gather_outputs(mine, sample_prompts(model, tok, prompts, mine, dp_size, args), len(prompts))
+    outputs = _gather_outputs(mine, sample_prompts(model, tok, prompts, mine, dp_rank, dp_size, args), len(prompts))
     if outputs is None:
         return {}
     kept, seen, all_scores, kept_scores = [], set(), [], []

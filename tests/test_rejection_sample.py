@@ -193,3 +193,24 @@ def test_evaluate_runs_scores_greedy_completions_and_reads_reward_curves(sft_run
     assert main(["--heldout", str(sft_run["prompts"]), "--runs", f"a={sft_run['run']}", "--rewards",
                  "test_rejection_sample:exact", "--curves", f"x={sft_run['run']}"]) == 2
     assert "has no 'rl/reward_mean' (not an RL run?)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_r1_quickstart_runs_every_stage(tmp_path):
+    """launch_scripts/r1_quickstart.sh shrunk by its environment variables: every stage runs and results.json has
+    the held-out scores after each stage and both reward curves."""
+    import os
+    import subprocess
+    env = dict(os.environ, WORK=str(tmp_path / "r1"), BASE_STEPS="6", COLD="32", SFT_EPOCHS="1", GRPO_STEPS="2",
+               GROUP="2", PROMPTS="4", RS_PROMPTS="8", RS_SAMPLES="2", HELDOUT="16", OMP_NUM_THREADS="1",
+               PYTHON=sys.executable)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["bash", str(repo / "launch_scripts/r1_quickstart.sh")], capture_output=True, text=True,
+                          env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "r1/results.json").read_text())
+    assert res["items"] == 16 and list(res["heldout"]) == ["sft", "grpo1", "rs_sft", "grpo2"]
+    assert all(set(s) == {"reward_mean", "accuracy", "format_reward"} for s in res["heldout"].values())
+    assert {name: [step for step, _ in curve] for name, curve in res["reward_curve"].items()} == {
+        "grpo1": [1, 2], "grpo2": [1, 2]}
+    assert "rejection_sample: 8 prompts, 16 samples" in proc.stdout and "held-out accuracy" in proc.stdout
