@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -63,24 +64,38 @@ def test_ratio_is_one_on_each_rollouts_first_minibatch_only(fixed_single):
     assert fixed_single[0]["rl/reward_mean"] == fixed_single[1]["rl/reward_mean"] != fixed_single[2]["rl/reward_mean"]
 
 
+@pytest.mark.slow
 def test_one_minibatch_per_rollout_is_on_policy_everywhere(rl_data, tmp_path, monkeypatch):
     grpo(tmp_path / "run", rl_data, monkeypatch, "train.global_batch_size=16", "train.steps=2", fixed=True)
     assert [r["rl/ratio"] for r in losses(tmp_path / "run")] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("override,message", [
-    ("rl.temperature=0", r"^error: rl.temperature=0.0: must be > 0"),
-    ("rl.loss_agg=sum", r"^error: rl.loss_agg='sum': use seq-mean-token-mean, token-mean or"),
-    ("rl.prompts_per_step=3", r"^error: rl.prompts_per_step x rl.group_size = 12 outputs must split into "
-                              r"mini-batches of train.global_batch_size=8"),
-    ("rl.rewards=[]", r"^error: rl.rewards must be a non-empty list"),
-    ('rl.rewards=[{fn: "grpo_fixed:broken"}]', r"^error: reward 'grpo_fixed:broken' raised ZeroDivisionError: "
-                                              r"division by zero on sample 0 \{'prompt': "),
+    ("rl.temperature=0", r"^rl.temperature=0.0: must be > 0"),
+    ("rl.loss_agg=sum", r"^rl.loss_agg='sum': use seq-mean-token-mean, token-mean or seq-mean-token-sum-norm$"),
+    ("rl.kl_estimator=k4", r"^rl.kl_estimator='k4': use k1, k2 or k3$"),
+    ("rl.overlong_cache_length=9", r"^rl.overlong_cache_length=9: must be in \[0, rl.max_new_tokens=8\]$"),
 ])
-def test_config_errors_are_one_line(override, message, rl_data, tmp_path, monkeypatch):
+def test_rl_config_errors_are_one_line(override, message):
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["rl.max_new_tokens=8", override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rl.rewards=[]", r"^error: rl.rewards must be a non-empty list"),
+    pytest.param("rl.prompts_per_step=3", r"^error: rl.prompts_per_step x rl.group_size = 12 outputs must split into "
+                 r"mini-batches of train.global_batch_size=8", marks=pytest.mark.slow),
+    pytest.param("rl.group_size=1", r"^error: rl.group_size=1: GRPO's baseline is the group mean; use >= 2",
+                 marks=pytest.mark.slow),
+    pytest.param('rl.rewards=[{fn: "grpo_fixed:broken"}]', r"^error: reward 'grpo_fixed:broken' raised "
+                 r"ZeroDivisionError: division by zero on sample 0 \{'prompt': ", marks=pytest.mark.slow),
+])
+def test_run_errors_are_one_line(override, message, rl_data, tmp_path, monkeypatch):
     proc = grpo(tmp_path / "run", rl_data, monkeypatch, override, check=False)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and __import__("re").match(message, proc.stderr), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and re.match(message, proc.stderr), proc.stderr
 
 
 def _untimed(records: list) -> list:
@@ -145,6 +160,7 @@ def test_generate_logprobs_are_the_forwards_tempered_logprobs():
         assert torch.allclose(torch.tensor(lps), expected, atol=1e-4), (lps, expected)
 
 
+@pytest.mark.slow
 def test_options_on_fixed_rollouts(fixed_single, rl_data, tmp_path, monkeypatch):
     """mu = 2 passes (pi_old kept: rho == 1 on the rollout's first step only); the reference reset to the policy at
     rollout 1 (rl/kl == 0 on its first mini-batch) surviving a resume in the middle of that rollout."""
@@ -199,15 +215,23 @@ def test_ppo_trains_policy_and_critic(ppo_single):
 
 
 @pytest.mark.slow
-def test_ppo_resume_and_dp2_layout(ppo_single, rl_data, tmp_path, monkeypatch):
-    """Stopped mid-rollout (step 3) and resumed == the whole run, the critic included (its checkpoint reloaded);
-    dp2 ZeRO-1 == one process."""
+def test_ppo_resume_is_exact(ppo_single, rl_data, tmp_path, monkeypatch):
+    """Stopped mid-rollout (step 3) and resumed == the whole run, the critic included (its checkpoint reloaded)."""
     parts, args = tmp_path / "parts", ("rl.group_size=1", "rl.prompts_per_step=16")
     grpo(parts, rl_data, monkeypatch, *args, "train.exit_at_step=3", fixed=True, stage="ppo")
     grpo(parts, rl_data, monkeypatch, *args, fixed=True, stage="ppo")
     assert _untimed(losses(parts)) == _untimed(losses(ppo_single))
     _same_weights(ppo_single / "step_0000004", parts / "step_0000004")
-    grpo(tmp_path / "dp2", rl_data, monkeypatch, *args, "parallel.zero_stage=1", nproc=2, fixed=True, stage="ppo")
-    for a, b in zip(losses(tmp_path / "dp2"), losses(ppo_single)):
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.tp=2"], ["parallel.ep=2"]],
+                         ids=["dp2-zero1", "tp2", "dp2-ep2"])
+def test_ppo_layouts_give_the_single_process_losses(layout, ppo_single, rl_data, tmp_path, monkeypatch):
+    grpo(tmp_path / "run", rl_data, monkeypatch, "rl.group_size=1", "rl.prompts_per_step=16", *layout, nproc=2,
+         fixed=True, stage="ppo")
+    records = losses(tmp_path / "run")
+    assert len(records) == STEPS
+    for a, b in zip(records, losses(ppo_single)):
         for k in PPO_KEYS:
             assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)

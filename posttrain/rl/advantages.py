@@ -84,12 +84,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce=None) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) over the masked tokens, 0 off the mask: the advantage normalisation of PPO in
-    RLHF (Ziegler et al. 2019; TRL, OpenRLHF); var is the population variance of the masked tokens. (N, T) -> (N, T)."""
-    count = mask.sum().clamp(min=1)
-    mean = torch.where(mask, x, torch.zeros_like(x)).sum() / count
-    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum() / count
+    RLHF (Ziegler et al. 2019; TRL, OpenRLHF); var is the population variance of the masked tokens. (N, T) -> (N, T).
+    ``reduce``, if given, sums a tensor over the ranks holding the other rows (the rollout loop's data-parallel
+    sum), so mean and var are those of every rank's tokens: the single-process result."""
+    reduce = reduce or (lambda t: t)
+    total, count = reduce(torch.stack([torch.where(mask, x, torch.zeros_like(x)).sum(), mask.sum().to(x.dtype)]))
+    mean = total / count.clamp(min=1)
+    var = reduce(torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum()) / count.clamp(min=1)
     return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 

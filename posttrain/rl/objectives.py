@@ -178,8 +178,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
     loss = aggregate(0.5 * torch.maximum(unclipped_error, clipped_error), mask, aggregation,
                      generation_budget, denominator)
-    with torch.no_grad():
-        fraction = masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)
+    with torch.no_grad():  # only where V was clipped: elsewhere V_clip = V up to rounding, and > would be noise
+        was_clipped = ((values - old_values).abs() > eps_value) & (clipped_error > unclipped_error)
+        fraction = masked_mean(was_clipped.to(values.dtype), mask)
     return loss, {"value_clip_fraction": fraction}
 
 

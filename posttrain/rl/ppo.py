@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from posttrain.objectives import balance_loss, init_value_row, value_of_row, value_of_row_tp
 from posttrain.rl import rollout as ro
-from posttrain.rl.advantages import gae
+from posttrain.rl.advantages import gae, masked_whiten
 from posttrain.rl.objectives import kl_penalized_rewards, masked_mean, value_loss
 from posttrain.rl.trainer import BASE_NAMES, GRPOObjective
 from posttrain.stage import PosttrainObjective
@@ -105,18 +105,13 @@ class PPOObjective(GRPOObjective):
 
     def compute_advantages(self, rollout: ro.Rollout, scores: torch.Tensor, mask: torch.Tensor) -> None:
         """Per-token KL-penalised rewards -> GAE on the rollout's values -> advantages whitened over every rank's
-        response tokens (the population variance, as ``masked_whiten``)."""
+        response tokens (``masked_whiten`` with the data-parallel sum)."""
         r, local = self.cfg.rl, mask[rollout.rows]
         ref = rollout.logp_old if rollout.logp_ref is None else rollout.logp_ref
         rewards = kl_penalized_rewards(scores[rollout.rows], rollout.logp_old, ref, local, r.kl_coef, r.kl_estimator)
         advantages, rollout.returns = gae(rewards, rollout.values_old, local, r.gamma, r.lam)
         if r.normalize_std:
-            kept = torch.where(local, advantages, 0.0).double()
-            total, squares, count = self._dp_sum(torch.stack([kept.sum(), (kept * kept).sum(),
-                                                              local.sum().double()])).tolist()
-            mean = total / max(count, 1)
-            var = squares / max(count, 1) - mean * mean
-            advantages = torch.where(local, (advantages - mean) / (max(var, 0.0) + 1e-8) ** 0.5, 0.0)
+            advantages = masked_whiten(advantages, local, reduce=self._dp_sum)
         rollout.token_advantages = advantages.float()
         rollout.advantages = torch.zeros(len(scores))
 
