@@ -201,7 +201,7 @@ def load_rollout(cfg, index: int, rows: torch.Tensor) -> Rollout:
         raise FileNotFoundError(f"{rollout_dir(cfg)}/rollout_{index:06d}_dp*.pt is missing: the resumed step is in "
                                 f"the middle of rollout {index}, whose pi_old cannot be recomputed; resume from a "
                                 f"checkpoint at a rollout boundary")
-    states = [torch.load(f, weights_only=False) for f in files]
+    states = [torch.load(f, weights_only=True) for f in files]
     state = dict(states[0])
     held = torch.cat([s["rows"] for s in states])
     where = torch.full((int(held.max()) + 1,), -1, dtype=torch.long)
