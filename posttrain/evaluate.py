@@ -193,6 +193,16 @@ def reward_curves(runs: list[str], key: str = "rl/reward_mean") -> dict:
     return curves
 
 
+def summary(res: dict) -> str:
+    """``--runs`` numbers as lines: each run's held-out scores, then each reward curve."""
+    lines = [f"{name:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+             for name, scores in res["heldout"].items()]
+    lines.insert(0, f"held-out ({res['items']} items, greedy):")
+    for name, curve in res.get("reward_curve", {}).items():
+        lines.append(f"{name} rl/reward_mean by step: " + " ".join(f"{v:.2f}" for _, v in curve))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pretrain.config import ConfigError
 
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain.evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     text = json.dumps(res, indent=1)
-    print(text)
+    print(summary(res) if args.runs else text)
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0

@@ -213,4 +213,5 @@ def test_r1_quickstart_runs_every_stage(tmp_path):
     assert all(set(s) == {"reward_mean", "accuracy", "format_reward"} for s in res["heldout"].values())
     assert {name: [step for step, _ in curve] for name, curve in res["reward_curve"].items()} == {
         "grpo1": [1, 2], "grpo2": [1, 2]}
-    assert "rejection_sample: 8 prompts, 16 samples" in proc.stdout and "held-out accuracy" in proc.stdout
+    assert "rejection_sample: 8 prompts, 16 samples" in proc.stdout and "held-out (16 items, greedy):" in proc.stdout
+    assert "grpo2 rl/reward_mean by step: " in proc.stdout
