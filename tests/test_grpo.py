@@ -191,6 +191,9 @@ def test_routing_replay_dynamic_sampling_and_kl_in_reward(fixed_single, rl_data,
     klr = losses(tmp_path / "klr")
     assert klr[0]["loss"] == pytest.approx(fixed_single[0]["loss"], abs=1e-7)  # KL 0 before the first update
     assert klr[1]["rl/kl"] > 0 and klr[2]["loss"] != fixed_single[2]["loss"]
+    grpo(tmp_path / "drop", rl_data, monkeypatch, "moe.capacity_factor=1.0", "train.steps=1", fixed=True)
+    drop = losses(tmp_path / "drop")[0]  # token dropping: pi_old, pi_ref and the update all drop alike
+    assert drop["rl/kl"] == 0.0 and drop["rl/ratio"] == 1.0
 
 
 PPO_KEYS = KEYS + ("rl/value_loss", "rl/value_mean", "rl/value_clip_fraction")

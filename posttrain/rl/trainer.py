@@ -116,8 +116,10 @@ class GRPOObjective(PosttrainObjective):
         base = per_token_nll_tp if topo.tp > 1 else per_token_nll
         model.loss_fn = tempered(base, cfg.rl.temperature)
         self.reference = None
-        if cfg.rl.kl_coef > 0:  # the init weights in the same layout, frozen, in eval mode
-            self.reference = build_model_for(cfg, topo, _FrozenReference())
+        if cfg.rl.kl_coef > 0:  # the init weights in the same layout, frozen
+            # in train mode like pi_old (MoE token dropping alike; nothing else differs): the KL is 0 until the
+            # policy moves
+            self.reference = build_model_for(cfg, topo, _FrozenReference()).train()
             self.reference.loss_fn = model.loss_fn
             if cfg.train.precision == "bf16":  # the policy's precision (DeepSpeed casts it); the router bias as there
                 from pretrain.engine import keep_router_bias_fp32
