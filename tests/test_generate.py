@@ -318,7 +318,8 @@ def _generate_in_layout(rank, world, run_dir, tag, layout, prompts, reference, r
     from parallel import Topology
     loaded, cfg, topo = gen_mod._load_sharded(run_dir, tag, Topology(world_size=world, rank=rank), True, layout)
     if layout is not None:
-        assert {k: getattr(topo, k) for k in layout} == layout
+        assert {k: getattr(topo, k) for k in ("tp", "pp", "ep") if k in layout} == {
+            k: v for k, v in layout.items() if k != "pipeline_layout"}
     if topo.pp > 1:  # this rank holds its stage only
         assert (loaded.lm_head is None) == (topo.pp_rank < topo.pp - 1)
         assert len(loaded.blocks()) < cfg.model.num_hidden_layers or cfg.parallel.pipeline_layout is None
@@ -350,13 +351,16 @@ def _one_process_reference(run_dir, prompts: list[list[int]], new_tokens: int) -
 def test_pipeline_run_generates_in_its_layout(data_dir, tmp_path):
     """A pp2 run's checkpoint, loaded stage by stage (each rank its stage's slices of the layout-free state): stage
     0 embeds and runs layer 0 on its own KV cache, sends h to stage 1 (layer 1, head, MTP), which samples and
-    broadcasts the tokens; greedy and MTP-speculative tokens equal one process's."""
+    broadcasts the tokens; greedy and MTP-speculative tokens equal one process's. Then the same checkpoint in
+    tp2 pp2 (4 processes: tensor parallelism inside each stage, the vocabulary gathered on the last)."""
     from helpers import run_distributed, train
     run = tmp_path / "run"
     train(run, data_dir, 2, "parallel.pp=2", "parallel.pipeline_layout=[1,1]", "train.steps=2")
     prompts = [[5, 6, 7], [9] * 11, [3, 1, 4, 1, 5, 9, 2, 6]]
-    run_distributed(_generate_in_layout, 2, run, "step_0000002", None, prompts,
-                    *_one_process_reference(run, prompts, 16))
+    reference = _one_process_reference(run, prompts, 16)
+    run_distributed(_generate_in_layout, 2, run, "step_0000002", None, prompts, *reference)
+    run_distributed(_generate_in_layout, 4, run, "step_0000002", {"tp": 2, "pp": 2, "pipeline_layout": [1, 1]},
+                    prompts, *reference)
 
 
 SMALL_MOE_RUN = ["--config", "small-moe", "data.seq_length=64", "train.micro_batch_size=4", "train.global_batch_size=4",
