@@ -164,11 +164,10 @@ class GRPOObjective(PosttrainObjective):
         prompts = [p for p in mine for _ in range(r.group_size)]
         outputs, logprobs = self.sample([p.ids for p in prompts], ro.sample_seed(cfg.train.seed, index, round_,
                                                                                 topo.dp_rank))
-        eot, S, vocab = self.tok.end_of_turn_id, cfg.data.seq_length, self.tok.vocab_size
+        eot, S = self.tok.end_of_turn_id, cfg.data.seq_length
         totals, values = [], []
         for i, (p, out) in enumerate(zip(prompts, outputs)):
-            # ids past the tokenizer (the vocabulary's padding rows) decode to nothing
-            text = self.tok.decode([t for t in (out[:-1] if out and out[-1] == eot else out) if t < vocab])
+            text = self.tok.decode(out[:-1] if out and out[-1] == eot else out)
             try:
                 total, per = score(self.rewards, p.prompt, text, p.sample, index=i)
             except RewardError as e:  # one line (exit 2) instead of a traceback on every rank
