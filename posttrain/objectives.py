@@ -156,31 +156,38 @@ class DPOObjective(PairObjective):
                 keep_router_bias_fp32(self.reference.to(torch.bfloat16))
         return model
 
-    def reference_logps_for(self, engine, batch: dict, average: bool) -> torch.Tensor:
-        """Reference log-probs (2 mb,) of the batch, chosen first."""
-        if self.reference is None:  # dpo.precompute_reference
+    def reference_logps_for(self, engine, batch: dict, average: bool, heldout: bool = False) -> torch.Tensor:
+        """Reference log-probs (2 mb,) of the batch (of ``data.eval_paths`` when ``heldout``), chosen first."""
+        if self.reference is None:  # dpo.precompute_reference: tables made at the first training batch
             if self.reference_table is None:
-                self.reference_table = self.reference_pass(engine, average)
-            table = self.reference_table.to(batch["input_ids"].device)
+                self.reference_table = self.reference_pass(engine, average, self.records, "reference_logps.pt")
+                if self.eval_records:
+                    self.eval_reference_table = self.reference_pass(engine, average, self.eval_records,
+                                                                    "eval_reference_logps.pt")
+            table = (self.eval_reference_table if heldout else self.reference_table).to(batch["input_ids"].device)
             return torch.cat([table[batch["index"], 0], table[batch["index"], 1]])
         with torch.no_grad():
             return sequence_logps(self.reference, batch, average)[0].float()
 
     @torch.no_grad()
-    def reference_pass(self, engine, average: bool) -> torch.Tensor:
-        """``dpo.precompute_reference``: (num_pairs, 2) reference log-probs (chosen, rejected) by pair index, computed
-        by the policy before its first update in one pass over every pair (every rank runs the same batches, so the
-        TP/EP collectives match), saved as ``train.output_dir/reference_logps.pt`` and read back on resume."""
+    def reference_pass(self, engine, average: bool, records: list, name: str) -> torch.Tensor:
+        """``dpo.precompute_reference``: (num_pairs, 2) reference log-probs (chosen, rejected) of ``records`` by pair
+        index, computed by the policy before its first update in one pass over every pair (every rank runs the same
+        batches, so the TP/EP collectives match), saved as ``train.output_dir/<name>`` and read back on resume."""
         import torch.distributed as dist
         from pathlib import Path
 
-        path = Path(self.cfg.train.output_dir) / "reference_logps.pt"
+        from pretrain.config import ConfigError
+
+        path = Path(self.cfg.train.output_dir) / name
         if path.is_file():
             return torch.load(path, weights_only=True)
-        model = getattr(engine, "module", engine)  # the engine in training, its module in maybe_eval
-        mb = self.cfg.train.micro_batch_size
-        ds = PairDataset(self.records, self.cfg.data.seq_length, 0, self.tok.pad_id, len(self.records))
-        table = torch.zeros(len(self.records), 2)
+        if (Path(self.cfg.train.output_dir) / "latest").is_file():  # a resumed run: the policy has moved
+            raise ConfigError(f"dpo.precompute_reference: {path} is missing in a resumed run (data.eval_paths added "
+                              f"after the start?); the trained policy is no reference: start a new train.output_dir")
+        model, mb = engine.module, self.cfg.train.micro_batch_size
+        ds = PairDataset(records, self.cfg.data.seq_length, 0, self.tok.pad_id, len(records))
+        table = torch.zeros(len(records), 2)
         model.eval()  # as the reference it replaces: no token dropping
         for first in range(0, len(ds), mb):
             rows = torch.from_numpy(np.stack([ds[i] for i in range(first, min(first + mb, len(ds)))]))
@@ -192,18 +199,18 @@ class DPOObjective(PairObjective):
             torch.save(table, path)
         return table
 
-    def pair_losses(self, model, batch):
+    def pair_losses(self, model, batch, heldout: bool = False):
         """(DPO losses (mb,), chosen rewards, rejected rewards, policy log-probs (2 mb,), the output)."""
         d = self.cfg.dpo
         average = d.loss_type == "ipo"  # TRL's IPO averages the log-probs over the completion
         logps, out = sequence_logps(model, batch, average)
-        ref = self.reference_logps_for(model, batch, average)
+        ref = self.reference_logps_for(model, batch, average, heldout)
         n = logps.shape[0] // 2
         return (*dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n], ref[n:], d.beta, d.loss_type,
                           d.label_smoothing), logps, out)
 
     def eval_loss(self, model, batch):
-        return self.pair_losses(model, batch)[0].mean()
+        return self.pair_losses(model, batch, heldout=True)[0].mean()
 
     def loss(self, model, batch, weights):
         losses, chosen_r, rejected_r, logps, out = self.pair_losses(model, batch)

@@ -195,6 +195,21 @@ def test_rm_eval_loss_is_the_heldout_bradley_terry_loss(chat_data, tmp_path):
     assert losses(out)[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_dpo_eval_loss_with_a_precomputed_reference_equals_the_held_one(chat_data, tmp_path):
+    """DPO ``eval/loss`` on held-out pairs: the reference precomputed before the first update (a table of its own
+    for the held-out pairs) gives the held reference model's numbers."""
+    pairs = tmp_path / "heldout_prefs.jsonl"
+    pairs.write_text("".join(open(chat_data["prefs"]).readlines()[-4:]))
+    runs = {}
+    for name, extra in (("held", ()), ("precomputed", ("dpo.precompute_reference=true",))):
+        posttrain("dpo", tmp_path / name, chat_data, f"data.eval_paths=[{pairs}]", *EVAL, *extra)
+        runs[name] = losses(tmp_path / name)
+    assert (tmp_path / "precomputed" / "eval_reference_logps.pt").is_file()
+    _close(runs["precomputed"], runs["held"], METRICS["dpo"] + ("eval_loss",), rel=1e-5)
+    assert runs["held"][0]["eval_loss"] != pytest.approx(0.6931471805599453, abs=1e-4)  # the policy moved
+
+
 def test_pipeline_is_refused_in_one_line(chat_data, tmp_path):
     proc = posttrain("dpo", tmp_path / "run", chat_data, "parallel.pp=2", check=False)
     assert proc.returncode == 2
