@@ -4,31 +4,37 @@
 #   a verifiable task made here in R1's output format (posttrain.arithmetic --task reason: "repeat 4821" ->
 #   "<think>4 8 2 1</think><answer>4821</answer>", 3000 training prompts, 500 held-out ones never trained on)
 #   -> tokenizer + shards of the training items as text -> pretraining of a small tiny-preset model (base)
-#   -> cold-start SFT on a few examples (posttrain.sft; COLD items) -> GRPO with the rule rewards (posttrain.grpo:
+#   -> cold-start SFT (posttrain.sft; COLD items) -> GRPO with the rule rewards (posttrain.grpo:
 #   accuracy + 0.1 x format) -> rejection sampling from the GRPO model (posttrain.rejection_sample: K samples per
-#   prompt, the correct ones kept) -> SFT on the kept samples -> a second GRPO stage (temperature 0.7, as R1)
+#   prompt, the correct ones kept) -> SFT on the kept samples -> a second GRPO stage
 #   -> held-out accuracy of greedy answers after each stage and the reward curves (posttrain.evaluate --runs/--curves),
 #   printed and written to $WORK/results.json.
 #
 #   bash launch_scripts/r1_quickstart.sh
 #
 # Environment: WORK (output folder, default runs/r1_quickstart; started afresh), BASE_STEPS (pretraining steps,
-# default 150), COLD (cold-start SFT items, default 200), SFT_EPOCHS (cold start, default 2), GRPO_STEPS (per RL
-# stage, default 40), GROUP (G, default 8), PROMPTS (prompts per rollout, default 16), RS_PROMPTS (prompts sampled
-# for rejection sampling, default 1000), RS_SAMPLES (K, default 4), HELDOUT (held-out items, default 500), EXTRA
-# (overrides for every training stage).
+# default 150), COLD (cold-start SFT items, default 3000: with a few hundred the toy model learned the format but
+# never the copy, 0% held out), SFT_EPOCHS (default 2), GRPO_STEPS (rollouts per RL stage, default 30), GROUP (G,
+# default 8), PROMPTS (prompts per rollout, default 16), TEMPERATURE (rollouts and rejection sampling, default 0.3:
+# at 0.7-1.0 the SFT model samples right 5-14% of the time against 54% greedy and GRPO lowered held-out accuracy;
+# bench/results.md), GRPO_LR (default 3e-5 after 5 warmup steps: at 1e-4 from the first step the full-size run's
+# policy collapsed after one update, rl/kl 1.1; the stages run by hand gained +36 points at 1e-4 from a less sharp SFT
+# model), RS_PROMPTS (prompts sampled for rejection sampling, default 1000), RS_SAMPLES (K, default 4), HELDOUT
+# (held-out items, default 500), EXTRA (overrides for every training stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=${WORK:-runs/r1_quickstart}
 BASE_STEPS=${BASE_STEPS:-150}
-COLD=${COLD:-200}
+COLD=${COLD:-3000}
 SFT_EPOCHS=${SFT_EPOCHS:-2}
-GRPO_STEPS=${GRPO_STEPS:-40}
+GRPO_STEPS=${GRPO_STEPS:-30}
 GROUP=${GROUP:-8}
 PROMPTS=${PROMPTS:-16}
 RS_PROMPTS=${RS_PROMPTS:-1000}
 RS_SAMPLES=${RS_SAMPLES:-4}
+TEMPERATURE=${TEMPERATURE:-0.3}
+GRPO_LR=${GRPO_LR:-3e-5}
 HELDOUT=${HELDOUT:-500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -50,9 +56,9 @@ grpo() {  # grpo NAME INIT TEMPERATURE
     stamp "posttrain.grpo $1 from $2 ($GRPO_STEPS rollouts of $PROMPTS prompts x $GROUP samples, temperature $3)"
     run "$WORK/$1.log" -m posttrain.grpo --config tiny "train.init_from=$WORK/$2" "data.paths=[$WORK/data/rl.jsonl]" \
         "train.output_dir=$WORK/$1" data.seq_length=64 "$REWARDS" "rl.group_size=$GROUP" "rl.prompts_per_step=$PROMPTS" \
-        rl.max_new_tokens=24 "rl.temperature=$3" rl.kl_coef=0.001 "train.global_batch_size=$((PROMPTS * GROUP))" \
-        "train.micro_batch_size=$((PROMPTS * GROUP))" "train.steps=$GRPO_STEPS" train.epochs=null optim.lr=3e-4 \
-        schedule.name=constant schedule.warmup_steps=0
+        rl.max_new_tokens=32 "rl.temperature=$3" rl.kl_coef=0.001 "train.global_batch_size=$((PROMPTS * GROUP))" \
+        "train.micro_batch_size=$((PROMPTS * GROUP))" "train.steps=$GRPO_STEPS" train.epochs=null optim.lr="$GRPO_LR" \
+        schedule.name=constant schedule.warmup_steps=5
     need "$1" "GRPO $1"
 }
 
@@ -81,11 +87,11 @@ run "$WORK/sft.log" -m posttrain.sft --config tiny "train.init_from=$WORK/base" 
     schedule.name=cosine schedule.warmup_steps=5
 need sft "cold-start SFT"
 
-grpo grpo1 sft 1.0
+grpo grpo1 sft "$TEMPERATURE"
 
 stamp "rejection sampling from grpo1 ($RS_PROMPTS prompts x $RS_SAMPLES samples, the correct and well-formed kept)"
 "$PY" -m posttrain.rejection_sample --checkpoint "$WORK/grpo1" --prompts "$WORK/data/rs_prompts.jsonl" \
-    --output "$WORK/data/rs_sft.jsonl" --samples "$RS_SAMPLES" --temperature 1.0 --max-new-tokens 24 --seed 0 \
+    --output "$WORK/data/rs_sft.jsonl" --samples "$RS_SAMPLES" --temperature "$TEMPERATURE" --max-new-tokens 32 --seed 0 \
     --rewards accuracy format --keep best --threshold 2 | tee "$WORK/rs.log"
 
 stamp "SFT on the kept samples and the cold-start data, from grpo1 (1 epoch)"
@@ -96,10 +102,10 @@ run "$WORK/rs_sft.log" -m posttrain.sft --config tiny "train.init_from=$WORK/grp
     schedule.name=cosine schedule.warmup_steps=5
 need rs_sft "rejection-sampling SFT"
 
-grpo grpo2 rs_sft 0.7
+grpo grpo2 rs_sft "$TEMPERATURE"
 
 stamp "held-out accuracy ($HELDOUT items, greedy) after each stage, and the reward curves"
 "$PY" -m posttrain.evaluate --heldout "$WORK/data/heldout.jsonl" --runs "sft=$WORK/sft" "grpo1=$WORK/grpo1" \
-    "rs_sft=$WORK/rs_sft" "grpo2=$WORK/grpo2" --rewards accuracy format --max-new-tokens 24 \
+    "rs_sft=$WORK/rs_sft" "grpo2=$WORK/grpo2" --rewards accuracy format --max-new-tokens 32 \
     --curves "grpo1=$WORK/grpo1" "grpo2=$WORK/grpo2" --json "$WORK/results.json"
 stamp "done: $WORK/results.json"
