@@ -54,9 +54,11 @@ def fingerprint(paths: list) -> list:
     return out
 
 
-def read_records(paths: list, parse, skipped: dict, log=sys.stderr) -> list:
+def read_records(paths: list, parse, skipped: dict, log=None) -> list:
     """``parse(obj)`` over every non-blank line of every file -> the list of results; records it rejects with
-    ``Skipped(reason)`` are counted in ``skipped`` and the first ``LOG_FIRST_SKIPPED`` logged as file:line."""
+    ``Skipped(reason)`` are counted in ``skipped`` and the first ``LOG_FIRST_SKIPPED`` logged as file:line to ``log``
+    (default: the current ``sys.stderr``, looked up at the call, so a redirected or captured stderr gets them)."""
+    log = log or sys.stderr
     out = []
     for path in paths:
         if not Path(path).is_file():

@@ -120,7 +120,7 @@ def rejection_sample(args) -> dict:
 
     rewards = load_rewards(parse_reward_specs(args.rewards))  # a bad spec fails before the model loads
     skipped: dict = {}
-    records = read_records([args.prompts], parse_prompt, skipped, log=sys.stderr)
+    records = read_records([args.prompts], parse_prompt, skipped)
     if not records:
         raise ValueError(f"--prompts {args.prompts}: no valid prompt records (skipped: {skipped or 'none'}); each "
                          f"line is {{\"prompt\": str | messages, ...}}")
