@@ -190,6 +190,11 @@ class Objective:
         loss, parts = total_loss(out, weights)
         return loss, parts, out
 
+    def step_tokens(self, padded: int) -> int:
+        """Tokens the step trained, for ``train/tokens_per_sec`` and MFU; ``padded`` = global batch x seq_length
+        (pretraining's windows are full; GRPO's rows are prompt + response, cut before the padding)."""
+        return padded
+
     def before_checkpoint(self, step: int) -> None:
         """Save what the objective trains outside ``engine`` (PPO's critic) for the checkpoint of ``step``, before
         that checkpoint is published; ``build_data`` (after the resume) restores it for ``state.step``."""
@@ -346,7 +351,8 @@ def train_step(run: Run, step: int) -> StepResult:
     grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
     parts = dict(zip(run.objective.names, means.tolist()))
     return StepResult(parts, dropped, lr, float("nan") if grad_norm is None else float(grad_norm),
-                      global_batch * cfg.data.seq_length, time.perf_counter() - start, load.cpu(), skipped=skipped)
+                      run.objective.step_tokens(global_batch * cfg.data.seq_length), time.perf_counter() - start,
+                      load.cpu(), skipped=skipped)
 
 
 def spike_threshold(cfg: Config, window: list) -> float:

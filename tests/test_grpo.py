@@ -64,6 +64,19 @@ def test_ratio_is_one_on_each_rollouts_first_minibatch_only(fixed_single):
     assert fixed_single[0]["rl/reward_mean"] == fixed_single[1]["rl/reward_mean"] != fixed_single[2]["rl/reward_mean"]
 
 
+def test_throughput_counts_trained_tokens_not_padding(fixed_single, tmp_path_factory):
+    """train/tokens (and so tokens/s and MFU) adds each mini-batch's prompt + response tokens, not its rows padded
+    to data.seq_length (8 x 32 = 256 per step): 8 rows of a chat-rendered prompt (about 10 tokens) + 1..8 new ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = next(tmp_path_factory.getbasetemp().glob("fixed*/run"))
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    total = [e.value for e in acc.Scalars("train/tokens")]
+    per_step = [b - a for a, b in zip([0.0] + total, total)]
+    assert len(per_step) == STEPS and all(8 * 6 <= n <= 8 * 20 for n in per_step), per_step  # measured 100-114
+
+
 @pytest.mark.slow
 def test_one_minibatch_per_rollout_is_on_policy_everywhere(rl_data, tmp_path, monkeypatch):
     grpo(tmp_path / "run", rl_data, monkeypatch, "train.global_batch_size=16", "train.steps=2", fixed=True)

@@ -308,6 +308,10 @@ class GRPOObjective(PosttrainObjective):
                 self.rollout = self.make_rollout(index)
         return self.rollout
 
+    def step_tokens(self, padded: int) -> int:
+        """The mini-batch's prompt + response tokens (every rank holds the global rows), not the padded rows."""
+        return self.minibatch_tokens
+
     # ----------------------------------------------------------------------------------------------- loss
 
     def batch(self, run, pos):
@@ -374,6 +378,8 @@ class _RolloutStream:
         minibatch = rollout.loss_mask[k * global_batch:(k + 1) * global_batch]
         o.denominator = denominator(o.cfg.rl.loss_agg, minibatch, global_batch)
         o.token_denominator, o.micro = denominator("token-mean", minibatch, global_batch), 0
+        rows = slice(k * global_batch, (k + 1) * global_batch)
+        o.minibatch_tokens = int((rollout.prompt_len[rows] + rollout.resp_len[rows]).sum())
         o.update_start = time.perf_counter()
         return o.micro_batches(rollout, positions)
 
