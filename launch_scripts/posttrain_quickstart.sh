@@ -4,7 +4,8 @@
 #   500 held-out ones never trained on; TASK=add, "347+5=", is out of this budget's reach)
 #   -> tokenizer + shards of the training items as text -> pretraining of a small tiny-preset model (base)
 #   -> posttrain.sft (chat template, loss on the answers; 2 epochs: good but imperfect, its mistakes are mostly the
-#   near misses the preference pairs reject) -> posttrain.rm (reward model on correct vs near-miss answers)
+#   near misses the preference pairs reject) -> on-policy pairs (posttrain.rejection_sample --keep pairs: the SFT
+#   model's best vs worst sample) -> posttrain.rm (reward model on correct vs near-miss answers and the on-policy pairs)
 #   -> posttrain.dpo (from the SFT model) -> held-out numbers (posttrain.evaluate): exact match of greedy answers
 #   (base, SFT, DPO), reward-model accuracy, preference accuracy, DPO's win rate over SFT under the reward model.
 #
@@ -38,8 +39,17 @@ run "$WORK/sft.log" -m posttrain.sft --config tiny "train.init_from=$WORK/base" 
     train.steps=null "train.epochs=$SFT_EPOCHS" optim.lr=2e-3 schedule.name=cosine schedule.warmup_steps=10
 need sft "SFT"
 
-stamp "posttrain.rm from the SFT model (a quarter epoch of correct-vs-near-miss pairs)"
-run "$WORK/rm.log" -m posttrain.rm --config tiny "train.init_from=$WORK/sft" "data.paths=[$WORK/data/prefs.jsonl]" \
+stamp "on-policy pairs: posttrain.rejection_sample --keep pairs from the SFT model (4 samples per prompt at T 1.0)"
+# The SFT model's own mistakes keep the length and change a digit; the made-up near misses mostly drop or double one.
+# A reward model that saw only the latter ranks the former at chance, so it also learns from the policy's samples:
+# per prompt its best vs its worst sample under the rule (posttrain.arithmetic:reward), when they differ.
+"$PY" -m posttrain.rejection_sample --checkpoint "$WORK/sft" --prompts "$WORK/data/rl.jsonl" --keep pairs \
+    --output "$WORK/data/onpolicy.jsonl" --samples 4 --temperature 1.0 --max-new-tokens 12 --seed 0 \
+    --rewards posttrain.arithmetic:reward | tee "$WORK/onpolicy.log"
+
+stamp "posttrain.rm from the SFT model (a quarter epoch of the near-miss and the on-policy pairs)"
+run "$WORK/rm.log" -m posttrain.rm --config tiny "train.init_from=$WORK/sft" \
+    "data.paths=[$WORK/data/prefs.jsonl,$WORK/data/onpolicy.jsonl]" \
     "train.output_dir=$WORK/rm" data.seq_length=32 train.micro_batch_size=32 train.global_batch_size=32 \
     train.steps=null train.epochs=0.25 optim.lr=2e-3 schedule.name=cosine schedule.warmup_steps=5
 need rm "RM"

@@ -77,6 +77,11 @@ def is_correct(prompt: str, completion: str) -> bool:
     return completion.strip() == answer
 
 
+def reward(prompt, completion: str, sample: dict) -> float:
+    """``is_correct`` as an ``rl.rewards`` / ``--rewards`` function (``posttrain.arithmetic:reward``): 1.0 or 0.0."""
+    return float(is_correct(sample["prompt"], completion))
+
+
 def make(num_train: int, num_heldout: int, seed: int = 0, task: str = "add") -> dict:
     """{"sft": [...], "prefs": [...], "heldout": [...], "text": str}: distinct items, train and held-out disjoint."""
     rng = random.Random(seed)

@@ -21,7 +21,9 @@ dropped: trained on, it would teach the model not to stop): ``--keep best`` the 
 sample), ``--keep threshold`` every distinct completion scoring at least ``--threshold`` (with ``best``, a given
 threshold also applies to the best). Identical (prompt, completion) pairs are written once. Each kept sample is a
 line ``{"messages": [...prompt messages, {"role": "assistant", "content": completion}]}`` that ``posttrain.sft``
-reads. A summary line (prompts, samples, kept, mean reward) and the dropped prompts by reason go to stdout.
+reads; ``--keep pairs`` writes ``{"prompt": messages, "chosen": best, "rejected": worst}`` per prompt whose
+complete samples differ in score (on-policy preference pairs for ``posttrain.rm`` / ``posttrain.dpo``). A summary
+line (prompts, samples, kept, mean reward) and the dropped prompts by reason go to stdout.
 
 Sampling is reproducible with ``--seed`` for a given data-parallel size and ``--batch-size`` (generate call c of
 data-parallel rank d is seeded with seed + c x dp_size + d).
@@ -35,8 +37,9 @@ from pathlib import Path
 
 import yaml
 
-DROP_REASONS = ("all_truncated", "below_threshold")
-"""Why a prompt contributes no sample: every sample hit --max-new-tokens; no complete sample reached --threshold."""
+DROP_REASONS = ("all_truncated", "below_threshold", "no_contrast")
+"""Why a prompt contributes no sample: every sample hit --max-new-tokens; no complete sample reached --threshold;
+(``--keep pairs``) its complete samples all scored the same."""
 
 
 def parse_reward_specs(specs: list[str] | None) -> list[dict]:
@@ -83,6 +86,9 @@ def select(scores: list[float], complete: list[bool], completions: list[str], ke
             return [], "below_threshold"
     if keep == "best":
         return [max(candidates, key=lambda i: (scores[i], -i))], None
+    if keep == "pairs":  # (chosen, rejected): the first best and the first worst, when they differ
+        best, worst = max(candidates, key=lambda i: (scores[i], -i)), min(candidates, key=lambda i: (scores[i], i))
+        return ([best, worst], None) if scores[best] > scores[worst] else ([], "no_contrast")
     first: dict[str, int] = {}
     for i in candidates:
         first.setdefault(completions[i], i)
@@ -143,12 +149,17 @@ def rejection_sample(args) -> dict:
         chosen, reason = select(scores, complete, texts, args.keep, args.threshold)
         if reason:
             dropped[reason] += 1
+        if args.keep == "pairs":
+            chosen = [chosen] if chosen else []
         for i in chosen:
-            line = json.dumps({"messages": messages + [{"role": "assistant", "content": texts[i]}]})
+            if args.keep == "pairs":  # a preference pair (posttrain.rm / posttrain.dpo input)
+                line = json.dumps({"prompt": messages, "chosen": texts[i[0]], "rejected": texts[i[1]]})
+            else:
+                line = json.dumps({"messages": messages + [{"role": "assistant", "content": texts[i]}]})
             if line not in seen:  # the same prompt twice in the file: its identical completions once
                 seen.add(line)
                 kept.append(line)
-                kept_scores.append(scores[i])
+                kept_scores.append(scores[i[0] if args.keep == "pairs" else i])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("".join(line + "\n" for line in kept))
     return {"prompts": len(records), "samples": len(all_scores), "kept": len(kept),
@@ -169,7 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rewards", nargs="+", metavar="SPEC",
                     help="FN, FN=WEIGHT or '{fn: FN, weight: W}' (rl.rewards entries); default accuracy")
-    ap.add_argument("--keep", choices=("best", "threshold"), default="best")
+    ap.add_argument("--keep", choices=("best", "threshold", "pairs"), default="best",
+                    help="pairs: a preference pair per prompt, its best vs its worst sample (on-policy pairs for "
+                         "posttrain.rm / posttrain.dpo)")
     ap.add_argument("--threshold", type=float, default=None, help="minimum score kept (needed by --keep threshold)")
     ap.add_argument("--batch-size", type=int, default=256, help="sequences per generate call (prompts x samples)")
     ap.add_argument("--trust-unverified", action="store_true",

@@ -72,6 +72,27 @@ def test_select_best_threshold_ties_and_truncation():
     assert select([0.5, 0.2, 0.7, 0.1, 9.0], complete, texts, "best", 0.8) == ([], "below_threshold")
     assert select([0.5, 0.2, 0.7, 0.6, 9.0], complete, texts, "threshold", 0.5) == ([0, 3], None)  # "a" once
     assert select([1.0] * 5, [False] * 5, texts, "threshold", 0.0) == ([], "all_truncated")
+    # pairs: (first best, first worst) among the complete samples, only when they differ
+    assert select([0.5, 1.0, 0.2, 1.0, -9.0], complete, texts, "pairs", None) == ([1, 2], None)
+    assert select([0.5, 0.5, 0.5, 0.5, 9.0], complete, texts, "pairs", None) == ([], "no_contrast")
+
+
+def test_pairs_are_preference_input_and_arithmetic_reward_is_the_rule(sft_run, tmp_path, capsys):
+    """--keep pairs writes {prompt, chosen, rejected} lines posttrain.data.load_pairs reads, chosen scoring above
+    rejected; posttrain.arithmetic:reward is is_correct as a reward function."""
+    from posttrain.arithmetic import reward
+    from posttrain.chat import ChatTokenizer
+    from posttrain.data import load_pairs
+    assert reward("repeat 1234", " 1234 ", {"prompt": "repeat 1234"}) == 1.0
+    assert reward("repeat 1234", "1244", {"prompt": "repeat 1234"}) == 0.0
+    rc, _ = sample(sft_run, tmp_path / "pairs.jsonl", "--rewards", "test_rejection_sample:digits", "--samples", "4",
+                   "--keep", "pairs")
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert lines and all(digits(None, x["chosen"], None) > digits(None, x["rejected"], None) for x in lines)
+    skipped: dict = {}
+    pairs = load_pairs([str(tmp_path / "pairs.jsonl")], ChatTokenizer(sft_run["run"] / "tokenizer.model"), 64, skipped)
+    assert len(pairs) == len(lines) and skipped == {}
 
 
 def test_reward_specs_parse_like_rl_rewards():
@@ -126,7 +147,7 @@ def test_threshold_dedup_and_drop_reasons(sft_run, tmp_path, capsys):
     rc, rows = sample(sft_run, tmp_path / "none.jsonl", "--keep", "threshold", "--threshold", "100",
                       "--rewards", "test_rejection_sample:digits", prompts=prompts)
     out = capsys.readouterr().out
-    assert rc == 0 and rows == [] and "dropped prompts: all_truncated=0, below_threshold=6, missing_key=1" in out
+    assert rc == 0 and rows == [] and "dropped prompts: all_truncated=0, below_threshold=6, no_contrast=0, missing_key=1" in out
     rc, rows = sample(sft_run, tmp_path / "cut.jsonl", "--max-new-tokens", "1", prompts=prompts)
     assert rc == 0 and rows == [] and "all_truncated=6, below_threshold=0" in capsys.readouterr().out
 
