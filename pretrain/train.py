@@ -257,9 +257,11 @@ def setup(cfg: Config, objective: Objective | None = None) -> Run:
 
 # ------------------------------------------------------------------------------------------------- step
 
-def _dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
-    """In-place sum over the data-parallel group (the world group for a trivial layout)."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=None if topo.is_trivial else topo.dp_group)
+def dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
+    """In-place sum over the data-parallel group (the world group for a trivial layout); the tensor itself without
+    a process group or with one data-parallel rank."""
+    if dist.is_initialized() and topo.dp_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=None if topo.is_trivial else topo.dp_group)
     return tensor
 
 
@@ -311,9 +313,9 @@ def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
         load = out.expert_load.detach().float() if load is None else load + out.expert_load.detach().float()
     # Losses for logging: mean over micro-batches and data-parallel ranks. Expert load: sum over both, so every
     # replica applies the same bias update.
-    sums = _dp_sum(sums, run.topo)
+    sums = dp_sum(sums, run.topo)
     means = sums[:-1] / (len(micro_batches) * run.topo.dp_size)
-    return means, float(sums[-1]), _dp_sum(load, run.topo)
+    return means, float(sums[-1]), dp_sum(load, run.topo)
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -409,7 +411,7 @@ def maybe_eval(run: Run, step: int) -> float | None:
     for rows in micro_batches:
         total += run.objective.eval_loss(model, run.objective.batch(run, rows)).float()
     model.train()
-    return (_dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
+    return (dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
 
 
 def maybe_log(run: Run, step: int, r: StepResult) -> None:

@@ -127,12 +127,6 @@ def dp_all_gather(tensor: torch.Tensor, topo) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def dp_sum(tensor: torch.Tensor, topo) -> torch.Tensor:
-    if dist.is_initialized() and topo.dp_size > 1:
-        dist.all_reduce(tensor, group=None if topo.is_trivial else topo.dp_group)
-    return tensor
-
-
 @dataclass
 class Rollout:
     """One rollout: the global rows (identical on every rank) and this rank's per-token tensors."""

@@ -34,6 +34,7 @@ from posttrain.rl.advantages import (dynamic_sampling_keep, grpo_advantages, ove
 from posttrain.rl.objectives import kl_estimate, policy_loss
 from posttrain.stage import PosttrainObjective
 from pretrain.config import ConfigError
+from pretrain.train import dp_sum
 
 BASE_NAMES = ("loss", "rl/reward_mean", "rl/reward_std", "rl/kl", "rl/clip_fraction", "rl/ratio", "rl/entropy",
               "rl/response_length", "rl/route_flip_rate", "rl/logprob_mismatch", "rl/rollout_seconds",
@@ -252,7 +253,7 @@ class GRPOObjective(PosttrainObjective):
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         device = self.model.embed_tokens.weight.device
-        return ro.dp_sum(t.to(device), self.topo).cpu()
+        return dp_sum(t.to(device), self.topo).cpu()
 
     def micro_batches(self, rollout: ro.Rollout, positions: torch.Tensor) -> list[torch.Tensor]:
         mb = self.cfg.train.micro_batch_size
