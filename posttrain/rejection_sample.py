@@ -221,4 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.engine import exit_process
+
+    exit_process(main())  # under torchrun: process group destroyed, no finalisation abort

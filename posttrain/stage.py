@@ -155,12 +155,11 @@ def run_stage(objective: PosttrainObjective, argv: list[str] | None = None) -> i
 
 
 def exit_after(code: int) -> None:
-    """As ``pretrain.train``: flush and skip interpreter finalisation (gloo/DeepSpeed worker threads)."""
-    import os
+    """As ``pretrain.train``: ``pretrain.engine.exit_process`` (process group destroyed, no interpreter
+    finalisation of gloo/DeepSpeed worker threads)."""
+    from pretrain.engine import exit_process
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(code)
 
 
 def token_logps(nll_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,21 @@ def _init_restarted_process_group(backend: str, timeout: timedelta) -> None:
                             world_size=world, timeout=timeout)
 
 
+def exit_process(code: int) -> None:
+    """End a command that may have run under torchrun: destroy the process group, flush, skip interpreter
+    finalisation. Tearing down gloo's and DeepSpeed's C++ worker threads during finalisation (a process group
+    still alive, or even one destroyed) occasionally aborts a process whose work is done ("terminate called
+    without an active exception", SIGABRT) -- seen on ``posttrain.rejection_sample`` under torchrun in CI."""
+    import sys
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def set_collective_timeout(timeout_s: float) -> None:
     """Change the timeout of every process group that exists (world, megatron-core's and DeepSpeed's groups)."""
     import torch.distributed as dist

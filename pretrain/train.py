@@ -35,7 +35,7 @@ from pretrain import faults
 from pretrain.checkpoint import (CheckpointError, TrainState, resume, save_checkpoint, wait_for_pending_save,
                                  write_run_files)
 from pretrain.config import Config, ConfigError, load_config
-from pretrain.engine import StepGuard, build_engine, init_distributed, launcher_env, set_collective_timeout, set_lr
+from pretrain.engine import StepGuard, build_engine, exit_process, init_distributed, launcher_env, set_collective_timeout, set_lr
 from pretrain.loss import LOSS_NAMES, LossWeights, balance_experts, dropped_tokens, total_loss
 from pretrain.preflight import preflight
 from pretrain.schedule import global_batch_at, loss_weights_at, lr_at, total_samples, total_steps
@@ -558,10 +558,4 @@ def main(argv: list[str] | None = None, objective: Objective | None = None, prog
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter finalisation: tearing down gloo's and DeepSpeed's C++ worker threads there occasionally
-    # aborts a run that has finished ("terminate called without an active exception", SIGABRT). Everything the
-    # run writes is closed by now (checkpoints, metrics.jsonl, TensorBoard) and the process groups are destroyed.
-    os._exit(code)
+    exit_process(main())  # checkpoints, metrics.jsonl and TensorBoard are closed by now
