@@ -5,7 +5,9 @@
 - ``run_distributed``: a function on N gloo CPU processes (house rule 9), and ``free_port`` for launchers;
 - the launchers of ``python -m pretrain.train`` the end-to-end tests compare runs with: ``train`` (the layout
   tests: metrics of a 3-step run), ``run_loop`` (the loop tests' settings, ``COMMON``), ``run_train`` (the
-  reliability tests: ``run_loop`` on given shards, a checkpoint every step, an injected fault).
+  reliability tests: ``run_loop`` on given shards, a checkpoint every step, an injected fault);
+- the launchers of the post-training stages (``posttrain``: sft/rm/dpo, ``grpo``: grpo/ppo) and
+  ``assert_same_losses``, shared by the post-training loop, GRPO and four-process layout tests.
 
 No test module imports another: whatever two modules share lives here or in conftest.py.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 import torch
 
 from pretrain.config import ModelConfig, validate_model
@@ -246,3 +249,49 @@ def train(out_dir, data_dir, nproc: int, *overrides) -> list[dict]:
             f"train.steps={STEPS}", "train.log_interval=1", *overrides]
     run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc))
     return losses(out_dir)
+
+
+# ------------------------------------------------------------------------ python -m posttrain.<stage>
+
+POSTTRAIN_STEPS = 3  # the sft / rm / dpo runs (``posttrain``)
+POSTTRAIN_METRICS = {"sft": ("loss", "lm_loss", "mtp_loss"), "rm": ("loss", "rm/accuracy", "rm/margin"),
+                     "dpo": ("loss", "rewards/margins", "logps/chosen", "logps/rejected")}
+RL_STEPS = 4  # the grpo / ppo runs (``grpo``): 2 rollouts of 2 mini-batches
+RL_KEYS = ("loss", "rl/kl", "rl/ratio", "rl/entropy", "rl/reward_mean", "grad_norm")
+PPO_KEYS = RL_KEYS + ("rl/value_loss", "rl/value_mean", "rl/value_clip_fraction")
+PPO_ARGS = ("rl.group_size=1", "rl.prompts_per_step=16")  # PPO: one output per prompt, the same 16 per rollout
+
+
+def posttrain(stage: str, out, chat_data: dict, *overrides, nproc: int = 1, check: bool = True):
+    """``posttrain.<stage>`` (sft, rm or dpo) for ``POSTTRAIN_STEPS`` steps on the ``chat_data`` fixture's files."""
+    data = chat_data["sft" if stage == "sft" else "prefs"]
+    args = ["-m", f"posttrain.{stage}", "--config", "tiny", f"data.paths=[{data}]", f"train.output_dir={out}",
+            f"data.tokenizer={chat_data['tokenizer']}", f"train.steps={POSTTRAIN_STEPS}", "train.log_interval=1",
+            "train.global_batch_size=4", *overrides]
+    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
+                       check=check)
+
+
+def grpo(out, rl_data: Path, monkeypatch, *overrides, nproc: int = 1, fixed: bool = False, check: bool = True,
+         stage: str = "grpo"):
+    """``posttrain.<stage>`` (grpo or ppo) for ``RL_STEPS`` steps on the ``rl_data`` fixture's prompts, rewarded by
+    ``grpo_fixed:digit_share``; ``fixed``: on tests/grpo_fixed.py's fixed rollouts (the same in every layout)."""
+    tests = Path(REPO) / "tests"
+    monkeypatch.setenv("PYTHONPATH", str(tests))  # the reward grpo_fixed:digit_share
+    entry = [str(tests / "grpo_fixed.py"), stage] if fixed else ["-m", f"posttrain.{stage}"]
+    args = [*entry, "--config", "tiny", f"data.paths=[{rl_data / 'rl.jsonl'}]",
+            f"data.tokenizer={rl_data / 'tok.model'}", f"train.output_dir={out}",
+            'rl.rewards=[{fn: "grpo_fixed:digit_share"}]', "rl.group_size=4", "rl.prompts_per_step=4",
+            "rl.max_new_tokens=8", "data.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=2",
+            f"train.steps={RL_STEPS}", "train.log_interval=1", *overrides]
+    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
+                       check=check)
+
+
+def assert_same_losses(got: list, want: list, names, steps: int = POSTTRAIN_STEPS, rel: float = 2e-4,
+                       atol: float = 1e-5) -> None:
+    """Two runs' metrics records agree on ``names`` at every one of their ``steps`` steps."""
+    assert len(got) == len(want) == steps, (len(got), len(want))
+    for a, b in zip(got, want):
+        for n in names:
+            assert a[n] == pytest.approx(b[n], rel=rel, abs=atol), (n, a, b)

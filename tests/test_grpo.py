@@ -2,55 +2,18 @@
 the later ones), the rl.* config errors, exact resume mid-rollout and at a rollout boundary (the rollout regenerated
 from its seed), and the layouts (dp2 ZeRO-1, tp2, dp2-ep2) giving the single process's losses on fixed rollouts
 (tests/grpo_fixed.py). A rollout is 4 prompts x G 4 = 16 outputs, 2 mini-batches of 8 (steps 1-2: rollout 0, 3-4:
-rollout 1)."""
+rollout 1). The data (``rl_data``), the single-process fixed-rollout runs (``fixed_single``, ``ppo_single``) and the
+launcher (``helpers.grpo``) are shared with tests/test_posttrain_layouts4.py (the four-process layouts)."""
 from __future__ import annotations
 
-import json
-import random
 import re
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import losses, module_states, run_checked, torchrun, trained_tokenizer
-
-TESTS = Path(__file__).resolve().parent
-STEPS = 4
-KEYS = ("loss", "rl/kl", "rl/ratio", "rl/entropy", "rl/reward_mean", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def rl_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rl")
-    shutil.copy(trained_tokenizer(500), out / "tok.model")
-    rng = random.Random(0)
-    with open(out / "rl.jsonl", "w") as f:
-        for _ in range(16):
-            a, b = rng.randint(100, 999), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
-    return out
-
-
-def grpo(out, rl_data, monkeypatch, *overrides, nproc=1, fixed=False, check=True, stage="grpo"):
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the reward grpo_fixed:digit_share
-    entry = [str(TESTS / "grpo_fixed.py"), stage] if fixed else ["-m", f"posttrain.{stage}"]
-    args = [*entry, "--config", "tiny", f"data.paths=[{rl_data / 'rl.jsonl'}]", f"data.tokenizer={rl_data / 'tok.model'}",
-            f"train.output_dir={out}", 'rl.rewards=[{fn: "grpo_fixed:digit_share"}]', "rl.group_size=4",
-            "rl.prompts_per_step=4", "rl.max_new_tokens=8", "data.seq_length=32", "train.global_batch_size=8",
-            "train.micro_batch_size=2", f"train.steps={STEPS}", "train.log_interval=1", *overrides]
-    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
-                       check=check)
-
-
-@pytest.fixture(scope="module")
-def fixed_single(rl_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fixed") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        grpo(out, rl_data, mp, fixed=True)
-    return losses(out)
+from helpers import PPO_ARGS, PPO_KEYS, RL_KEYS as KEYS, RL_STEPS as STEPS, assert_same_losses, grpo, losses, \
+    module_states
 
 
 def test_ratio_is_one_on_each_rollouts_first_minibatch_only(fixed_single):
@@ -149,11 +112,7 @@ def test_resume_is_exact_on_two_ranks(rl_data, tmp_path, monkeypatch):
                          ids=["dp2-zero1", "tp2", "dp2-ep2"])
 def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, tmp_path, monkeypatch):
     grpo(tmp_path / "run", rl_data, monkeypatch, *layout, nproc=2, fixed=True)
-    records = losses(tmp_path / "run")
-    assert len(records) == STEPS
-    for a, b in zip(records, fixed_single):
-        for k in KEYS:
-            assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)
+    assert_same_losses(losses(tmp_path / "run"), fixed_single, KEYS, steps=STEPS, atol=1e-6)
 
 
 def test_generate_logprobs_are_the_forwards_tempered_logprobs():
@@ -209,17 +168,6 @@ def test_routing_replay_dynamic_sampling_and_kl_in_reward(fixed_single, rl_data,
     assert drop["rl/kl"] == 0.0 and drop["rl/ratio"] == 1.0
 
 
-PPO_KEYS = KEYS + ("rl/value_loss", "rl/value_mean", "rl/value_clip_fraction")
-
-
-@pytest.fixture(scope="module")
-def ppo_single(rl_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        grpo(out, rl_data, mp, "rl.group_size=1", "rl.prompts_per_step=16", fixed=True, stage="ppo")
-    return out
-
-
 def test_ppo_trains_policy_and_critic(ppo_single):
     """PPO on fixed rollouts: rho == 1 on each rollout's first mini-batch; the critic's engine steps (its values
     move after the first mini-batch) and is checkpointed beside the policy."""
@@ -233,9 +181,9 @@ def test_ppo_trains_policy_and_critic(ppo_single):
 @pytest.mark.slow
 def test_ppo_resume_is_exact(ppo_single, rl_data, tmp_path, monkeypatch):
     """Stopped mid-rollout (step 3) and resumed == the whole run, the critic included (its checkpoint reloaded)."""
-    parts, args = tmp_path / "parts", ("rl.group_size=1", "rl.prompts_per_step=16")
-    grpo(parts, rl_data, monkeypatch, *args, "train.exit_at_step=3", fixed=True, stage="ppo")
-    grpo(parts, rl_data, monkeypatch, *args, fixed=True, stage="ppo")
+    parts = tmp_path / "parts"
+    grpo(parts, rl_data, monkeypatch, *PPO_ARGS, "train.exit_at_step=3", fixed=True, stage="ppo")
+    grpo(parts, rl_data, monkeypatch, *PPO_ARGS, fixed=True, stage="ppo")
     assert _untimed(losses(parts)) == _untimed(losses(ppo_single))
     _same_weights(ppo_single / "step_0000004", parts / "step_0000004")
 
@@ -244,10 +192,5 @@ def test_ppo_resume_is_exact(ppo_single, rl_data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.tp=2"], ["parallel.ep=2"]],
                          ids=["dp2-zero1", "tp2", "dp2-ep2"])
 def test_ppo_layouts_give_the_single_process_losses(layout, ppo_single, rl_data, tmp_path, monkeypatch):
-    grpo(tmp_path / "run", rl_data, monkeypatch, "rl.group_size=1", "rl.prompts_per_step=16", *layout, nproc=2,
-         fixed=True, stage="ppo")
-    records = losses(tmp_path / "run")
-    assert len(records) == STEPS
-    for a, b in zip(records, losses(ppo_single)):
-        for k in PPO_KEYS:
-            assert a[k] == pytest.approx(b[k], rel=2e-4, abs=1e-6), (k, a, b)
+    grpo(tmp_path / "run", rl_data, monkeypatch, *PPO_ARGS, *layout, nproc=2, fixed=True, stage="ppo")
+    assert_same_losses(losses(tmp_path / "run"), losses(ppo_single), PPO_KEYS, steps=STEPS, atol=1e-6)

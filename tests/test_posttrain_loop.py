@@ -1,36 +1,15 @@
 """posttrain.sft / rm / dpo end to end on the pretraining loop: train.init_from, the layouts (dp2, tp2, dp2-ep2; SFT
 also pp2) give the single-process losses, exact resume, the held-out eval/loss, pipeline refusal for RM/DPO. Each
-run is a few seconds of the tiny preset."""
+run is a few seconds of the tiny preset. The data (``chat_data``), the single-process runs (``single``) and the
+launcher (``helpers.posttrain``) are shared with tests/test_posttrain_layouts4.py (the four-process layouts)."""
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest
 import torch
 
-from helpers import losses, run_checked, torchrun, trained_tokenizer
-
-STEPS = 3
-METRICS = {"sft": ("loss", "lm_loss", "mtp_loss"), "rm": ("loss", "rm/accuracy", "rm/margin"),
-           "dpo": ("loss", "rewards/margins", "logps/chosen", "logps/rejected")}
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    from posttrain.arithmetic import write
-    out = tmp_path_factory.mktemp("chat")
-    shutil.copy(trained_tokenizer(500), out / "tok.model")  # 500 + 3 chat pieces fit the tiny preset's 512
-    return {**write(out, 64, 8), "tokenizer": str(out / "tok.model")}
-
-
-def posttrain(stage, out, chat_data, *overrides, nproc=1, check=True):
-    data = chat_data["sft" if stage == "sft" else "prefs"]
-    args = ["-m", f"posttrain.{stage}", "--config", "tiny", f"data.paths=[{data}]", f"train.output_dir={out}",
-            f"data.tokenizer={chat_data['tokenizer']}", f"train.steps={STEPS}", "train.log_interval=1",
-            "train.global_batch_size=4", *overrides]
-    return run_checked([sys.executable, *args] if nproc == 1 else args, launcher=() if nproc == 1 else torchrun(nproc),
-                       check=check)
+from helpers import POSTTRAIN_METRICS as METRICS, POSTTRAIN_STEPS as STEPS, assert_same_losses, losses, posttrain
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +48,6 @@ def test_init_from_refuses_another_architecture(old_run):
         load_init_weights(build_model(cfg.model), cfg)
 
 
-@pytest.fixture(scope="module")
-def single(chat_data, tmp_path_factory):
-    """The single-process runs of the three stages (fp32): their metrics."""
-    root = tmp_path_factory.mktemp("single")
-    return {stage: losses(posttrain(stage, root / stage, chat_data) and root / stage) for stage in METRICS}
-
-
-def _close(a: list, b: list, names, rel=2e-4):
-    assert len(a) == len(b) == STEPS
-    for ra, rb in zip(a, b):
-        for n in names:
-            assert ra[n] == pytest.approx(rb[n], rel=rel, abs=1e-5), (n, ra, rb)
-
-
 @pytest.mark.slow
 def test_stages_learn_on_one_process(single):
     assert single["sft"][-1]["lm_loss"] < single["sft"][0]["lm_loss"]
@@ -99,7 +64,7 @@ def test_stages_learn_on_one_process(single):
 @pytest.mark.parametrize("stage", list(METRICS))
 def test_layouts_give_the_single_process_losses(stage, layout, single, chat_data, tmp_path):
     records = losses(posttrain(stage, tmp_path / "run", chat_data, *layout, nproc=2) and tmp_path / "run")
-    _close(records, single[stage], METRICS[stage])
+    assert_same_losses(records, single[stage], METRICS[stage])
 
 
 @pytest.mark.slow
@@ -110,7 +75,7 @@ def test_resume_is_exact(stage, extra, single, chat_data, tmp_path):
     out = tmp_path / "run"
     posttrain(stage, out, chat_data, "train.exit_at_step=1", *extra)
     posttrain(stage, out, chat_data, *extra)
-    _close(losses(out), single[stage], METRICS[stage], rel=1e-6)
+    assert_same_losses(losses(out), single[stage], METRICS[stage], rel=1e-6)
 
 
 def _heldout_chat(chat_data) -> str:
@@ -168,7 +133,7 @@ def test_sft_pipeline_gives_the_single_process_losses(sft_eval, chat_data, tmp_p
     out = tmp_path / "run"
     posttrain("sft", out, chat_data, f"data.eval_paths=[{_heldout_chat(chat_data)}]", *EVAL, "parallel.pp=2",
               nproc=2)
-    _close(losses(out), losses(sft_eval), METRICS["sft"] + ("eval_loss",))
+    assert_same_losses(losses(out), losses(sft_eval), METRICS["sft"] + ("eval_loss",))
 
 
 @pytest.mark.slow
@@ -206,7 +171,7 @@ def test_dpo_eval_loss_with_a_precomputed_reference_equals_the_held_one(chat_dat
         posttrain("dpo", tmp_path / name, chat_data, f"data.eval_paths=[{pairs}]", *EVAL, *extra)
         runs[name] = losses(tmp_path / name)
     assert (tmp_path / "precomputed" / "eval_reference_logps.pt").is_file()
-    _close(runs["precomputed"], runs["held"], METRICS["dpo"] + ("eval_loss",), rel=1e-5)
+    assert_same_losses(runs["precomputed"], runs["held"], METRICS["dpo"] + ("eval_loss",), rel=1e-5)
     assert runs["held"][0]["eval_loss"] != pytest.approx(0.6931471805599453, abs=1e-4)  # the policy moved
 
 
@@ -232,4 +197,4 @@ def test_launch_script_runs_a_posttrain_module(single, chat_data, tmp_path):
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "-m posttrain.sft --config tiny" in proc.stderr
-    _close(losses(out), single["sft"], METRICS["sft"], rel=1e-6)
+    assert_same_losses(losses(out), single["sft"], METRICS["sft"], rel=1e-6)
