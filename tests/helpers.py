@@ -208,7 +208,23 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def run_checked(args: list, launcher=(), check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, env=launch_env(), timeout=timeout)
+    """Run ``launcher + args`` and capture its output; ``check``: a non-zero exit raises with the output's tail.
+
+    On a timeout (or Ctrl-C) the command gets SIGTERM, which torchrun passes to its workers (SIGKILL 30 s later):
+    ``subprocess.run(timeout=)`` would SIGKILL torchrun alone and leave its workers, each in a session of its own,
+    running (a hung collective stays hung)."""
+    with subprocess.Popen([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=launch_env()) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except BaseException:
+            popen.terminate()
+            try:
+                popen.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+            raise
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
