@@ -10,7 +10,8 @@ the plain path's. DeepSpeed's layer list is one entry per stage::
 
     stage 0       (input_ids, labels[, document_ids])                 -> (h, terms, input_ids, labels[, document_ids])
     stage 1..p-2  (h, terms, input_ids, labels[, document_ids])       -> the same tuple
-    stage p-1     (h, terms, input_ids, labels[, document_ids])       -> the training loss (scalar)
+    stage p-1     (h, terms, input_ids, labels[, document_ids])       -> (model output, terms)
+                  + DeepSpeed's labels (labels, the batch's other tensors) -> the objective's loss (``loss_fn``)
 
 What travels between stages and why:
 - ``h`` (B, T, H): the hidden states.
@@ -21,10 +22,14 @@ What travels between stages and why:
   tensor a stage sent, so ``h`` is the only one: a second would walk each stage's graph twice.
 - ``input_ids``, ``labels``, ``document_ids`` (B, T) int64, as the objective's ``batch`` made them (SFT: labels
   -100 outside the assistant turns, a document per packed conversation): the last stage embeds the shifted tokens
-  for MTP and computes the loss; integer tensors travel without gradients. DeepSpeed also hands the labels to the
-  last stage for its ``loss_fn``, which here only returns the loss the stage computed.
-- The embedding is tied between the first and the last stage (``TiedLayerSpec`` on ``embed_tokens.weight``):
-  DeepSpeed broadcasts it at start and all-reduces its gradient over the two stages before the optimizer step.
+  for MTP; integer tensors travel without gradients. DeepSpeed hands the last stage the micro-batch's labels and
+  the objective's other tensors (a pair's lengths, DPO's reference log-probs, GRPO's advantages and pi_old) as its
+  ``labels`` tuple; ``DeepSeekPipeline.last_stage_loss`` (DeepSpeed's ``loss_fn``) gives them with the stage's
+  output to ``Objective.output_loss``, the function the one-process loop calls after its forward.
+- The embedding is tied between the first and the last stage (``TiedLayerSpec`` on ``embed_tokens.weight``) when
+  the last stage uses it (MTP inputs, a tied head; ``last_stage_embeds``): DeepSpeed broadcasts it at start and
+  all-reduces its gradient over the two stages before the optimizer step. Without MTP and with an untied head
+  (post-training's RM, DPO, RL) only stage 0 holds it.
 - Expert-load counts are not differentiable and each stage needs only its own routers' rows, so they go through
   a side channel: in training mode (never in ``eval_batch``) each stage adds its rows to a local buffer; after
   ``train_batch`` the rows are summed over data-parallel ranks and stages (``collect_expert_load``) and, when the
@@ -111,6 +116,12 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad_h, torch.full_like(aux_loss, ctx.scale), None
 
 
+def last_stage_embeds(model: DeepSeekModel) -> bool:
+    """Whether the last stage needs the embedding: for the MTP modules' inputs or a tied head. Without either it
+    holds no copy (a copy without a gradient would leave DeepSpeed's tied-gradient all-reduce waiting for it)."""
+    return len(model.mtp) > 0 or model.lm_head.weight is model.embed_tokens.weight
+
+
 class PipelineStage(DeepSeekModel):
     """One pipeline stage: ``DeepSeekModel`` holding only its modules, with DeepSpeed's tuple protocol."""
 
@@ -124,7 +135,7 @@ class PipelineStage(DeepSeekModel):
         stage._modules = dict(model._modules)  # own module table: removing a module leaves ``model`` intact
         stage._forward_hooks = OrderedDict()  # TP's eval-logits hook is for the whole model's logits
         stage.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(first_layer, stop_layer)})
-        if not (is_first or is_last):
+        if not (is_first or (is_last and last_stage_embeds(model))):
             stage.embed_tokens = None
         if not is_last:
             stage.norm, stage.lm_head, stage.mtp = None, None, nn.ModuleList()
@@ -155,10 +166,7 @@ class PipelineStage(DeepSeekModel):
                 h = _AuxLossGrad.apply(h, aux, self.aux_grad_scale)
             carried = terms.detach() if carried is None else carried + terms.detach()
             return (h, carried.view(torch.int32), input_ids, labels, *doc)
-        if not self.training:  # evaluation: the main head's loss (MTP is a training objective)
-            return out.lm_loss
-        loss, self.last_parts = total_loss(out, self.weights, carried)
-        return loss
+        return out, carried  # the loss: DeepSeekPipeline.last_stage_loss (DeepSpeed's loss_fn), with the batch
 
 
 class _TiedModuleSpec(TiedLayerSpec):
@@ -187,13 +195,17 @@ class DeepSeekPipeline(PipelineModule):
         layers = [None] * pp
         module = PipelineStage.cut(model, self.bounds[stage], self.bounds[stage + 1], stage == 0, stage == pp - 1,
                                    weights)
-        layers[stage] = _TiedModuleSpec(EMBED_KEY, module) if stage in (0, pp - 1) else module
+        tied = (0, pp - 1) if last_stage_embeds(model) else ()
+        layers[stage] = _TiedModuleSpec(EMBED_KEY, module) if stage in tied else module
         for s in range(pp):  # placeholders DeepSpeed never builds (other ranks' stages); keys for the tied groups
             if layers[s] is None:
-                layers[s] = _TiedModuleSpec(EMBED_KEY, None) if s in (0, pp - 1) else nn.Identity()
+                layers[s] = _TiedModuleSpec(EMBED_KEY, None) if s in tied else nn.Identity()
         ds_topo = PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
-        super().__init__(layers, topology=ds_topo, loss_fn=_stage_loss, partition_method="uniform")
+        # micro-batches of varying width (GRPO cuts each at its longest row): DeepSpeed sends the shapes every time
+        super().__init__(layers, topology=ds_topo, loss_fn=self.last_stage_loss, partition_method="uniform",
+                         dynamic_shape=getattr(model, "varying_shapes", False))
         self.topo, self.cfg = topo, cfg
+        self.objective, self.label_keys = None, ("labels",)  # pipeline_batches sets them
         # DeepSpeed marks every parameter of a tied module on its non-first owner as a replica (left out of the
         # gradient norm); here the tied module is the whole last stage, and only its embedding is a replica.
         for name, p in module.named_parameters():
@@ -223,11 +235,32 @@ class DeepSeekPipeline(PipelineModule):
     def set_loss_weights(self, weights: LossWeights) -> None:
         self.stage.weights = weights
 
+    def last_stage_loss(self, outputs, labels) -> torch.Tensor:
+        """DeepSpeed's ``loss_fn`` on the last stage: (model output, carried balance terms) and the micro-batch's
+        label tensors (``pipeline_batches``) -> the objective's loss (``Objective.output_loss``; pretraining's
+        ``total_loss`` without an objective); in evaluation ``Objective.output_eval_loss`` (the main head's loss)."""
+        out, carried = outputs
+        batch = dict(zip(self.label_keys, labels if isinstance(labels, (tuple, list)) else (labels,)))
+        stage = self.stage
+        if not stage.training:  # evaluation: no MTP, no balance terms
+            return out.lm_loss if self.objective is None else self.objective.output_eval_loss(out, batch)
+        if self.objective is None:
+            loss, stage.last_parts = total_loss(out, stage.weights, carried)
+        else:
+            loss, stage.last_parts = self.objective.output_loss(out, batch, stage.weights, carried)
+        return loss
+
+    @property
+    def part_names(self) -> tuple:
+        """The logged parts besides the loss (``Objective.names[1:]``; pretraining's ``LOSS_NAMES[1:]``)."""
+        return tuple((LOSS_NAMES if self.objective is None else self.objective.names)[1:])
+
     def get_additional_losses(self):
         """DeepSpeed averages these over micro-batches and data-parallel ranks and broadcasts them to all stages;
-        every stage must return the same names (non-last stages only count them)."""
-        parts = self.stage.last_parts
-        return {n: torch.zeros(()) if parts is None else parts[n] for n in LOSS_NAMES[1:]}
+        every stage must return the same names (non-last stages only count them). A name the loss does not give is 0
+        here (``Objective.finish_parts`` fills it: PPO's critic metrics)."""
+        parts = self.stage.last_parts or {}
+        return {n: parts.get(n, torch.zeros(())) for n in self.part_names}
 
     # -------------------------------------------------------------------------------- expert balancing
 
@@ -296,16 +329,18 @@ def to_pipeline_module(model: nn.Module, topo, cfg: Config) -> DeepSeekPipeline:
 
 # ------------------------------------------------------------------------------------------- training loop
 
-def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batch_fn, device):
+def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batch_fn, device, objective=None):
     """One optimizer step with DeepSpeed's 1F1B schedule over this data-parallel rank's micro-batches.
 
     micro_batches: the data stream's rows, one per micro-batch (every stage draws them; the first and last stage
-    read them); batch_fn: rows -> the objective's batch on the device, ``{"input_ids", "labels", "document_ids"}``
-    (``pretrain.train.Objective.batch``: pretraining's (mb, seq + 1) windows, SFT's packed rows with masked labels
-    and per-row document ids). Returns (the ``pretrain.loss.LOSS_NAMES`` parts averaged over micro-batches and
-    data-parallel ranks, identical on every rank; dropped token copies; expert load (L, E) of the training
-    micro-batches summed over micro-batches, data-parallel ranks and stages). The bias is moved by the caller
-    (``balance_experts``) once it knows whether the step was applied.
+    read them); batch_fn: rows -> the objective's batch on the device, ``{"input_ids", "labels", "document_ids",
+    ...}`` (``pretrain.train.Objective.batch``: pretraining's (mb, seq + 1) windows, SFT's packed rows with masked
+    labels and per-row document ids, a preference pair's lengths and reference log-probs, a rollout's advantages);
+    objective: its ``output_loss`` / ``names`` on the last stage (None: pretraining's ``total_loss``). Returns (the
+    objective's parts (``names``) averaged over micro-batches and data-parallel ranks, identical on every rank;
+    dropped token copies; expert load (L, E) of the training micro-batches summed over micro-batches,
+    data-parallel ranks and stages). The bias is moved by the caller (``balance_experts``) once it knows whether
+    the step was applied.
     """
     module = engine.module
     module.set_loss_weights(weights)
@@ -315,32 +350,101 @@ def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batc
     # TP-split experts: gradients accumulate locally and cross TP in the last micro-batch's backward (the pipeline
     # supports ZeRO 0/1, which keep .grad until the step)
     sync_expert_grads(module.stage, False, local_backwards=engine.gradient_accumulation_steps() - 1)
-    loss = engine.train_batch(pipeline_batches(micro_batches, batch_fn))
-    extra = engine.get_additional_losses()
-    parts = {"loss": loss, **extra}
-    means = torch.stack([parts[n].float().reshape(()).to(device) for n in LOSS_NAMES])
+    loss = engine.train_batch(pipeline_batches(micro_batches, batch_fn, module, objective))
+    parts = {"loss": loss, **engine.get_additional_losses()}
+    means = torch.stack([parts[n].float().reshape(()).to(device) for n in ("loss",) + module.part_names])
     return (means, *module.collect_expert_load(device))
 
 
-def pipeline_batches(micro_batches: list, batch_fn):
-    """DeepSpeed's (inputs, labels) per micro-batch: inputs = (input_ids, labels[, document_ids]) for the first
-    stage, which sends them on to the last (see the module docstring)."""
-    batches = []
+def pipeline_batches(micro_batches: list, batch_fn, module=None, objective=None):
+    """DeepSpeed's (inputs, labels) per micro-batch. inputs = (input_ids, labels[, document_ids]) for the first
+    stage, which sends them on to the last (see the module docstring); labels = the batch's other tensors (and
+    numbers, as 0-d tensors) for the last stage's ``last_stage_loss``, under ``module.label_keys``. Every stage
+    calls ``batch_fn`` for every micro-batch in order (an objective may run collective work in it: DPO's
+    reference forward through the pipeline)."""
+    batches, keys = [], None
     for rows in micro_batches:
         b = batch_fn(rows)
         doc = b.get("document_ids")
-        batches.append(((b["input_ids"], b["labels"]) + (() if doc is None else (doc,)), b["labels"]))
+        extra = {k: v if torch.is_tensor(v) else torch.tensor(v) for k, v in b.items()
+                 if k not in ("input_ids", "labels", "document_ids") and v is not None}
+        names = ("labels", *extra)
+        if keys is not None and names != keys:
+            raise ValueError(f"pipeline micro-batches differ in their keys: {keys} vs {names}")
+        keys = names
+        inputs = (b["input_ids"], b["labels"]) + (() if doc is None else (doc,))
+        batches.append((inputs, (b["labels"], *extra.values())))
+    if module is not None:
+        module.objective, module.label_keys = objective, keys or ("labels",)
     return iter(batches)
 
 
 @torch.no_grad()
-def pipeline_eval_loss(engine, micro_batches: list, batch_fn) -> float:
-    """Mean main-head loss over micro-batches and data-parallel ranks (MTP off in eval), on every rank. No expert
-    load is collected (the stages count training micro-batches only)."""
-    loss = engine.eval_batch(pipeline_batches(micro_batches, batch_fn), num_micro_batches=len(micro_batches))
-    return float(loss)
+def pipeline_eval_loss(engine, micro_batches: list, batch_fn, objective=None) -> float:
+    """Mean held-out loss (``Objective.output_eval_loss``; pretraining: the main head's, MTP off) over micro-batches
+    and data-parallel ranks, on every rank. No expert load is collected (the stages count training micro-batches
+    only)."""
+    batches = pipeline_batches(micro_batches, batch_fn, engine.module, objective)
+    return float(engine.eval_batch(batches, num_micro_batches=len(micro_batches)))
 
 
-def _stage_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """DeepSpeed's ``loss_fn``: the last stage already computed the loss (``PipelineStage.forward``)."""
-    return outputs
+# ------------------------------------------------------------------------------ forwards outside the schedule
+
+class PipeLink:
+    """A pipeline stage's neighbours in the pp group (megatron-core's): h (B, T, H) goes to the next stage point to
+    point; what the last stage computes is broadcast to the others (``share``)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+        self.group = ps.get_pipeline_model_parallel_group()
+        ranks = dist.get_process_group_ranks(self.group)
+        stage = ranks.index(dist.get_rank())
+        self.prev = ranks[stage - 1] if stage > 0 else None
+        self.next = ranks[stage + 1] if stage + 1 < len(ranks) else None
+        self.last = ranks[-1]
+
+    def share(self, value: torch.Tensor | None, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """The last stage's ``value`` on every stage of the pp group (the others pass None)."""
+        out = value.contiguous() if self.next is None else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(out, self.last, group=self.group)
+        return out
+
+
+def pipe_link(model) -> PipeLink | None:
+    """The stage's link when ``model`` is one stage of a pipeline (``PipelineStage``), else None."""
+    if getattr(model, "is_last", None) is None or (model.is_first and model.is_last):
+        return None
+    return PipeLink()
+
+
+def stage_forward(stage: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                  document_ids: torch.Tensor | None = None, link: PipeLink | None = None):
+    """One forward of a batch through the pipeline outside DeepSpeed's schedule (RL's pi_old and pi_ref, DPO's
+    reference, the critic's values; no grad): stage s receives h from stage s - 1, runs its layers and sends h to
+    s + 1; the last stage returns the ``DeepSeekModel`` output (``lm_loss`` = its ``loss_fn``'s values), the
+    others None. Every stage of the pp group calls it with the same batch. ``stage`` may be a whole model (no
+    pipeline): then this is its forward."""
+    link = link or pipe_link(stage)
+    if link is None:
+        return stage(input_ids, labels=labels, document_ids=document_ids)
+    h = None
+    if link.prev is not None:
+        ref = next(stage.parameters())
+        h = torch.empty(*input_ids.shape, stage.config.hidden_size, dtype=ref.dtype, device=ref.device)
+        dist.recv(h, link.prev)
+    out = DeepSeekModel.forward(stage, input_ids, labels=labels if link.next is None else None,
+                                document_ids=document_ids, hidden_states=h)
+    if link.next is not None:
+        dist.send(out.hidden_states.contiguous(), link.next)
+        return None
+    return out
+
+
+def cut_stage(model: DeepSeekModel, cfg: Config, topo) -> nn.Module:
+    """This rank's stage of ``model`` (training's stage bounds, the other stages' modules removed) under
+    ``parallel.pp`` > 1, else the model: a frozen copy beside the training engine (DPO's reference, RL's
+    reference and critic) or a model for generation."""
+    if topo.pp == 1:
+        return model
+    bounds, stage, pp = stage_bounds(model, cfg), topo.pp_rank, topo.pp
+    return PipelineStage.cut(model, bounds[stage], bounds[stage + 1], stage == 0, stage == pp - 1, weights=None)

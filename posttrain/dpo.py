@@ -5,8 +5,8 @@ The pretraining loop with ``posttrain.objectives.DPOObjective``: the frozen refe
 second copy in the same layout (default) or, with ``dpo.precompute_reference=true``, log-probs computed in one pass
 before the first update and stored by pair index in ``train.output_dir/reference_logps.pt`` (half the memory).
 Metrics under TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-``logps/chosen``, ``logps/rejected``). MTP modules are dropped (``model.num_nextn_predict_layers`` = 0); parallel.pp
-must be 1.
+``logps/chosen``, ``logps/rejected``). MTP modules are dropped (``model.num_nextn_predict_layers`` = 0). Every
+layout, pp > 1 included (the reference cut to the policy's stages).
 """
 from __future__ import annotations
 

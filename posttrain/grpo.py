@@ -2,9 +2,9 @@
 data.paths=[PROMPTS.jsonl ...] rl.rewards=[{fn: accuracy, weight: 1.0}] [rl.group_size=16 rl.prompts_per_step=32
 rl.max_new_tokens=256 rl.temperature=1.0 rl.kl_coef=0.001 ...]``.
 
-The pretraining loop (every layout but pp > 1, ZeRO, checkpoints with exact resume mid-rollout, metrics, launchers
-via ``MODULE=posttrain.grpo``) with ``posttrain.rl.trainer.GRPOObjective``: prompts ``{"prompt": str | messages,
-...}`` rendered with the chat template; each rollout samples ``rl.group_size`` outputs per prompt from the live
+The pretraining loop (every layout, pp > 1 included, ZeRO, checkpoints with exact resume mid-rollout, metrics,
+launchers via ``MODULE=posttrain.grpo``) with ``posttrain.rl.trainer.GRPOObjective``: prompts ``{"prompt": str |
+messages, ...}`` rendered with the chat template; each rollout samples ``rl.group_size`` outputs per prompt from the live
 sharded policy and is trained in mini-batches of ``train.global_batch_size`` outputs, one optimizer step each
 (R1: 32 prompts x 16 outputs, global batch 32 -> 16 steps per rollout). ``train.epochs`` counts passes over the
 prompts. Metrics: ``rl/reward_mean``, ``rl/reward_std``, ``rl/reward/<name>``, ``rl/kl``, ``rl/clip_fraction``,

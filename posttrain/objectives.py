@@ -10,10 +10,12 @@
   read at the last token of each sequence, :func:`bradley_terry_loss`, plus the MoE balance terms.
 
 DPO and RM need the per-token values of the whole sequence, so they swap the model's ``loss_fn`` for a per-token
-one (``ModelOutput.lm_loss`` is then (B, T)); the logits are materialised (no fused chunked head). Both need
-more than labels on the last pipeline stage (the pair lengths, the reference log-probs, per-sequence values back
-from it): parallel.pp > 1 is refused for them (tp, ep, dp and ZeRO work). SFT runs under every layout, pp > 1
-included: its batch (input ids, masked labels, document ids) is what ``parallel.pipeline`` sends between stages.
+one (``ModelOutput.lm_loss`` is then (B, T)); the logits are materialised (no fused chunked head). Every objective
+splits its loss into the model's forward and ``output_loss(out, batch, weights, carried)``, so it runs in every
+layout: under pipeline parallelism the last stage calls ``output_loss`` with the batch's extra tensors (the pair
+lengths, DPO's reference log-probs) that DeepSpeed hands it as labels (``parallel.pipeline.pipeline_batches``).
+DPO's frozen reference is cut to the same stage as the policy and runs through the pipeline in ``batch``
+(``parallel.pipeline.stage_forward``), before the step's 1F1B schedule.
 """
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return -F.logsigmoid(r_chosen - r_rejected - margin)
 
 
-def balance_loss(out, weights) -> torch.Tensor:
-    """sum_t alpha_t * term_t of the MoE balance terms in ``out`` (0 for a dense model)."""
+def balance_loss(out, weights, carried: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t alpha_t * term_t of the MoE balance terms in ``out`` (0 for a dense model); ``carried``: the detached
+    terms of earlier pipeline stages (their value counts, their gradient is their stage's own)."""
     like = out.lm_loss if out.lm_loss is not None else out.logits
     terms = balance_vector(out.moe_terms, like)
+    if carried is not None:
+        terms = terms + carried
     return sum((weights.alphas[t] * terms[i] for i, t in enumerate(BALANCE_TERMS) if weights.alphas[t]),
                terms.new_zeros(()))
 
@@ -109,8 +114,6 @@ class SFTObjective(PosttrainObjective):
 class PairObjective(PosttrainObjective):
     """Preference pairs: chosen and rejected sequences as one (2 mb, T) batch, chosen first."""
 
-    pipeline = False
-
     def load(self, cfg, tok, skipped, paths):
         return load_pairs(paths, tok, cfg.data.seq_length, skipped)
 
@@ -129,12 +132,25 @@ class PairObjective(PosttrainObjective):
                 "lengths": torch.cat([rows[:, 2, 0], rows[:, 5, 0]]), "index": rows[:, 6, 0]}
 
 
-def sequence_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, object]:
-    """(summed (or, ``average``, per-token mean) log-prob of each sequence's labelled tokens (2 mb,), the output)."""
-    out = model(batch["input_ids"], labels=batch["labels"])
-    keep = batch["labels"] != IGNORE_INDEX
+def output_logps(out, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """A per-token-NLL output -> summed (or, ``average``, per-token mean) log-prob of each sequence's labelled
+    tokens (2 mb,)."""
+    keep = labels != IGNORE_INDEX
     logps = -(out.lm_loss * keep).sum(-1)
-    return (logps / keep.sum(-1).clamp(min=1) if average else logps), out
+    return logps / keep.sum(-1).clamp(min=1) if average else logps
+
+
+def sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor | None:
+    """``output_logps`` of ``model`` (a whole model, or a pipeline stage: through the pipeline, the log-probs on
+    every stage) on the batch."""
+    from parallel.pipeline import pipe_link, stage_forward
+
+    link = pipe_link(model)
+    out = stage_forward(model, batch["input_ids"], batch["labels"], link=link)
+    logps = None if out is None else output_logps(out, batch["labels"], average).float()
+    if link is None:
+        return logps
+    return link.share(logps, batch["input_ids"].shape[:1], torch.float32, batch["input_ids"].device)
 
 
 class DPOObjective(PairObjective):
@@ -143,37 +159,47 @@ class DPOObjective(PairObjective):
     stage, names = "dpo", DPO_NAMES
 
     def prepare_model(self, model, cfg, topo):
+        from parallel.pipeline import cut_stage
         from pretrain.train import build_model_for
 
-        self.cfg = cfg
+        self.cfg, self.average = cfg, cfg.dpo.loss_type == "ipo"  # TRL's IPO averages the log-probs
         model.loss_fn = per_token_nll_tp if topo.tp > 1 else per_token_nll
-        self.reference, self.reference_table = None, None
-        if not cfg.dpo.precompute_reference:  # the init weights in the same layout, frozen, in eval mode
-            self.reference = build_model_for(cfg, topo, _FrozenReference())
+        self.reference, self.reference_table, self.eval_reference_table = None, None, None
+        if not cfg.dpo.precompute_reference:  # the init weights in the same layout (stage), frozen, in eval mode
+            self.reference = cut_stage(build_model_for(cfg, topo, _FrozenReference()), cfg, topo)
             self.reference.loss_fn = model.loss_fn
             if cfg.train.precision == "bf16":  # the policy's precision (DeepSpeed casts it); the router bias as there
                 from pretrain.engine import keep_router_bias_fp32
                 keep_router_bias_fp32(self.reference.to(torch.bfloat16))
         return model
 
-    def reference_logps_for(self, engine, batch: dict, average: bool, heldout: bool = False) -> torch.Tensor:
+    def batch(self, run, rows, heldout: bool = False):
+        """The pair batch plus ``ref_logps`` (2 mb,), chosen first: the reference's log-probs of its sequences."""
+        b = super().batch(run, rows)
+        b["ref_logps"] = self.reference_logps_for(run, b, heldout)
+        return b
+
+    def eval_batch(self, run, rows):
+        return self.batch(run, rows, heldout=True)
+
+    def reference_logps_for(self, run, batch: dict, heldout: bool = False) -> torch.Tensor:
         """Reference log-probs (2 mb,) of the batch (of ``data.eval_paths`` when ``heldout``), chosen first."""
         if self.reference is None:  # dpo.precompute_reference: tables made at the first training batch
             if self.reference_table is None:
-                self.reference_table = self.reference_pass(engine, average, self.records, "reference_logps.pt")
+                self.reference_table = self.reference_pass(run, self.records, "reference_logps.pt")
                 if self.eval_records:
-                    self.eval_reference_table = self.reference_pass(engine, average, self.eval_records,
-                                                                    "eval_reference_logps.pt")
+                    self.eval_reference_table = self.reference_pass(run, self.eval_records, "eval_reference_logps.pt")
             table = (self.eval_reference_table if heldout else self.reference_table).to(batch["input_ids"].device)
             return torch.cat([table[batch["index"], 0], table[batch["index"], 1]])
         with torch.no_grad():
-            return sequence_logps(self.reference, batch, average)[0].float()
+            return sequence_logps(self.reference, batch, self.average)
 
     @torch.no_grad()
-    def reference_pass(self, engine, average: bool, records: list, name: str) -> torch.Tensor:
+    def reference_pass(self, run, records: list, name: str) -> torch.Tensor:
         """``dpo.precompute_reference``: (num_pairs, 2) reference log-probs (chosen, rejected) of ``records`` by pair
         index, computed by the policy before its first update in one pass over every pair (every rank runs the same
-        batches, so the TP/EP collectives match), saved as ``train.output_dir/<name>`` and read back on resume."""
+        batches, so the TP/EP collectives and the pipeline's sends match), saved as ``train.output_dir/<name>`` and
+        read back on resume."""
         import torch.distributed as dist
         from pathlib import Path
 
@@ -185,40 +211,38 @@ class DPOObjective(PairObjective):
         if (Path(self.cfg.train.output_dir) / "latest").is_file():  # a resumed run: the policy has moved
             raise ConfigError(f"dpo.precompute_reference: {path} is missing in a resumed run (data.eval_paths added "
                               f"after the start?); the trained policy is no reference: start a new train.output_dir")
-        model, mb = engine.module, self.cfg.train.micro_batch_size
+        model, mb = self.policy, self.cfg.train.micro_batch_size
         ds = PairDataset(records, self.cfg.data.seq_length, 0, self.tok.pad_id, len(records))
         table = torch.zeros(len(records), 2)
         model.eval()  # as the reference it replaces: no token dropping
         for first in range(0, len(ds), mb):
             rows = torch.from_numpy(np.stack([ds[i] for i in range(first, min(first + mb, len(ds)))]))
-            batch = self.batch(engine, rows)
-            logps = sequence_logps(model, batch, average)[0].float().cpu()
+            batch = PairObjective.batch(self, run, rows)
+            logps = sequence_logps(model, batch, self.average).cpu()
             table[batch["index"].cpu()] = logps.view(2, -1).T
         model.train()
         if dist.get_rank() == 0:
             torch.save(table, path)
         return table
 
-    def pair_losses(self, model, batch, heldout: bool = False):
-        """(DPO losses (mb,), chosen rewards, rejected rewards, policy log-probs (2 mb,), the output)."""
+    def pair_losses(self, out, batch):
+        """(DPO losses (mb,), chosen rewards, rejected rewards, policy log-probs (2 mb,)) of the policy's output."""
         d = self.cfg.dpo
-        average = d.loss_type == "ipo"  # TRL's IPO averages the log-probs over the completion
-        logps, out = sequence_logps(model, batch, average)
-        ref = self.reference_logps_for(model, batch, average, heldout)
+        logps, ref = output_logps(out, batch["labels"], self.average), batch["ref_logps"]
         n = logps.shape[0] // 2
         return (*dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n], ref[n:], d.beta, d.loss_type,
-                          d.label_smoothing), logps, out)
+                          d.label_smoothing), logps)
 
-    def eval_loss(self, model, batch):
-        return self.pair_losses(model, batch, heldout=True)[0].mean()
+    def output_eval_loss(self, out, batch):
+        return self.pair_losses(out, batch)[0].mean()
 
-    def loss(self, model, batch, weights):
-        losses, chosen_r, rejected_r, logps, out = self.pair_losses(model, batch)
+    def output_loss(self, out, batch, weights, carried=None):
+        losses, chosen_r, rejected_r, logps = self.pair_losses(out, batch)
         n = logps.shape[0] // 2
-        loss = losses.mean() + balance_loss(out, weights)
+        loss = losses.mean() + balance_loss(out, weights, carried)
         parts = dpo_metrics(losses, chosen_r, rejected_r, logps[:n], logps[n:])
         parts["loss"] = loss.detach().float()
-        return loss, parts, out
+        return loss, parts
 
 
 class _FrozenReference(PosttrainObjective):
@@ -276,19 +300,19 @@ class RMObjective(PairObjective):
         model.loss_fn = value_of_row_tp if topo.tp > 1 else value_of_row
         return model
 
-    def rewards(self, model, batch):
-        """(chosen rewards (mb,), rejected rewards (mb,), the output)."""
-        out = model(batch["input_ids"], labels=batch["labels"])
+    @staticmethod
+    def rewards(out, batch):
+        """The model's output of a pair batch -> (chosen rewards (mb,), rejected rewards (mb,))."""
         rewards = last_token_values(out.lm_loss, batch["lengths"])
         n = rewards.shape[0] // 2
-        return rewards[:n], rewards[n:], out
+        return rewards[:n], rewards[n:]
 
-    def eval_loss(self, model, batch):
-        return bradley_terry_loss(*self.rewards(model, batch)[:2], self.margin).mean()
+    def output_eval_loss(self, out, batch):
+        return bradley_terry_loss(*self.rewards(out, batch), self.margin).mean()
 
-    def loss(self, model, batch, weights):
-        chosen, rejected, out = self.rewards(model, batch)
-        loss = bradley_terry_loss(chosen, rejected, self.margin).mean() + balance_loss(out, weights)
+    def output_loss(self, out, batch, weights, carried=None):
+        chosen, rejected = self.rewards(out, batch)
+        loss = bradley_terry_loss(chosen, rejected, self.margin).mean() + balance_loss(out, weights, carried)
         parts = {"loss": loss, "rm/accuracy": (chosen > rejected).float().mean(), "rm/margin": (chosen - rejected).mean(),
                  "rm/chosen": chosen.mean(), "rm/rejected": rejected.mean()}
-        return loss, {k: v.detach().float() for k, v in parts.items()}, out
+        return loss, {k: v.detach().float() for k, v in parts.items()}

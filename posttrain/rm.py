@@ -5,7 +5,7 @@ The pretraining loop with ``posttrain.objectives.RMObjective``: the LM head beco
 last token of each sequence, trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) on
 preference pairs (the ranked form expands into every pair of different ranks); metrics ``rm/accuracy``,
 ``rm/margin``. ``posttrain.reward`` loads the result (``RewardModel.score(texts)``) and exports it to transformers'
-``*ForSequenceClassification``. MTP modules are dropped; parallel.pp must be 1.
+``*ForSequenceClassification``. MTP modules are dropped. Every layout, pp > 1 included.
 """
 from __future__ import annotations
 

@@ -134,6 +134,11 @@ class PosttrainObjective(Objective):
         check_reliability_config(cfg, topo)
         return Preflight(topo, self.tok.path, fingerprint(cfg.data.paths), self.tok.tok.eos_id)
 
+    def attach(self, engine, topo) -> None:
+        """``policy``: what this rank trains, for forwards outside the training step (DPO's precomputed reference,
+        RL's rollouts): the model, or its pipeline stage."""
+        self.policy = engine.module.stage if topo.pp > 1 else engine.module
+
     def build_data(self, cfg: Config, topo, state, pin_memory: bool):
         from data_pipeline.dataset import SampleStream
         from pretrain.schedule import total_samples

@@ -133,26 +133,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-class _PipeLink:
-    """A pipeline stage's place for decoding: h (B, T, H) goes to the next stage point to point, and what the last
-    stage decides (tokens, kept drafts, MTP drafts: all int64) is broadcast over the pp group, so every stage keeps
-    the same slots, tokens and stop state."""
-
-    def __init__(self):
-        from megatron.core import parallel_state as ps
-        self.group = ps.get_pipeline_model_parallel_group()
-        ranks = dist.get_process_group_ranks(self.group)
-        stage = ranks.index(dist.get_rank())
-        self.prev = ranks[stage - 1] if stage > 0 else None
-        self.next = ranks[stage + 1] if stage + 1 < len(ranks) else None
-        self.last = ranks[-1]
-
-
-def _pipe_link(model) -> _PipeLink | None:
-    """The stage's link when ``model`` is one stage of a pipeline (``parallel.pipeline.PipelineStage``)."""
+def _pipe_link(model):
+    """``parallel.pipeline.pipe_link`` (imported only for a pipeline stage: one-process generation stays free of
+    DeepSpeed's import)."""
     if getattr(model, "is_last", None) is None or (model.is_first and model.is_last):
         return None
-    return _PipeLink()
+    from parallel.pipeline import PipeLink
+    return PipeLink()
 
 
 class _Decoder:
@@ -414,7 +401,8 @@ def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool, layout:
         initialize_parallel(topo)
         model = parallelize_model(model, topo)  # no capacity factor: generation is dropless
     if cfg.parallel.pp > 1:
-        model = _pipeline_stage(model, cfg, topo)
+        from parallel.pipeline import cut_stage
+        model = cut_stage(model, cfg, topo)
     if layout_free:  # the layout-free fp32 state: read only this rank's slices
         reader = StateReader(step_dir / STATE_DIR)
         state = {name: reader.region(name, "", *slice_box(name, reader.tensors[name]["shape"], topo.tp, topo.tp_rank,
@@ -434,13 +422,6 @@ def _load_sharded(run_dir: Path, tag: str, topo, trust_unverified: bool, layout:
         raise ValueError(f"checkpoint {step_dir}: weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {list(unexpected)[:3]})")
     return model.eval(), cfg, topo
-
-
-def _pipeline_stage(model, cfg, topo):
-    """This rank's stage of ``model``: training's stage bounds, the modules of the other stages removed."""
-    from parallel.pipeline import PipelineStage, stage_bounds
-    bounds, stage, pp = stage_bounds(model, cfg), topo.pp_rank, topo.pp
-    return PipelineStage.cut(model, bounds[stage], bounds[stage + 1], stage == 0, stage == pp - 1, weights=None)
 
 
 def load_for_generation(path: str, trust_unverified: bool = False):

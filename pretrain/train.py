@@ -159,13 +159,14 @@ def seed_rank(seed: int, rank: int) -> None:
 
 class Objective:
     """What a training stage optimises, and on which data. Pretraining's is the language-model objective below;
-    ``posttrain`` subclasses it (masked SFT, reward model, DPO). Per micro-batch the loop calls ``batch(run, tokens)``
-    and ``loss(model, batch, weights) -> (loss, {name: detached scalar} for each of names, model output)``; a part
-    whose name holds a '/' is logged under that name (``rewards/chosen``), the others as ``train/<name>``."""
+    ``posttrain`` subclasses it (masked SFT, reward model, DPO, GRPO, PPO). Per micro-batch the loop calls
+    ``batch(run, tokens)`` and ``loss(model, batch, weights) -> (loss, {name: detached scalar} for each of names, model
+    output)`` = ``output_loss(forward(model, batch), batch, weights)``; under pipeline parallelism the last stage
+    calls ``output_loss`` itself on its output and the batch's tensors (``parallel.pipeline``), so an objective that
+    splits its loss into ``forward`` and ``output_loss`` runs in every layout. A part whose name holds a '/' is
+    logged under that name (``rewards/chosen``), the others as ``train/<name>``."""
 
     names: tuple = LOSS_NAMES
-    pipeline: bool = True  # runs under parallel.pp > 1 (parallel.pipeline computes total_loss on the last stage)
-
     def preflight(self, cfg: Config, world_size: int, rank: int):
         if cfg.train.epochs is not None and cfg.train.steps is None and cfg.train.total_tokens is None:
             raise ConfigError("train.epochs is for posttrain.* (small datasets); pretraining is sized by "
@@ -185,9 +186,22 @@ class Objective:
         input_ids = tokens[:, :-1]
         return {"input_ids": input_ids, "labels": tokens[:, 1:], "document_ids": document_ids(run, input_ids)}
 
+    def eval_batch(self, run: "Run", tokens: torch.Tensor) -> dict:
+        """A held-out micro-batch -> the model's inputs (DPO: with the held-out reference log-probs)."""
+        return self.batch(run, tokens)
+
+    def forward(self, model, batch: dict):
+        return model(batch["input_ids"], labels=batch["labels"], document_ids=batch.get("document_ids"))
+
+    def output_loss(self, out, batch: dict, weights: LossWeights, carried: torch.Tensor | None = None):
+        """The model output of ``batch`` -> (loss, {name: detached scalar} for each of ``names``). Also the last
+        pipeline stage's loss (``parallel.pipeline``), where ``out`` holds the last stage's MoE terms and ``carried``
+        the earlier stages' balance terms (detached: their gradient is the stages' own, ``_AuxLossGrad``)."""
+        return total_loss(out, weights, carried)
+
     def loss(self, model, batch: dict, weights: LossWeights):
-        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"])
-        loss, parts = total_loss(out, weights)
+        out = self.forward(model, batch)
+        loss, parts = self.output_loss(out, batch, weights)
         return loss, parts, out
 
     def step_tokens(self, padded: int) -> int:
@@ -195,19 +209,34 @@ class Objective:
         (pretraining's windows are full; GRPO's rows are prompt + response, cut before the padding)."""
         return padded
 
+    def finish_parts(self, parts: dict) -> None:
+        """Complete the step's logged parts (every rank, after the step) with what the loss could not see: under
+        pipeline parallelism GRPO's route flips, counted on every stage."""
+
     def before_checkpoint(self, step: int) -> None:
         """Save what the objective trains outside ``engine`` (PPO's critic) for the checkpoint of ``step``, before
         that checkpoint is published; ``build_data`` (after the resume) restores it for ``state.step``."""
 
-    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+    def attach(self, engine, topo) -> None:
+        """Called once the engine is built (before the resume): ``engine.module`` is the model, or with
+        ``parallel.pp`` > 1 the ``DeepSeekPipeline`` whose ``stage`` is this rank's part of it."""
+
+    def output_eval_loss(self, out, batch: dict) -> torch.Tensor:
         """The held-out value ``maybe_eval`` averages (``eval/loss``): the main head's loss (no MTP, no balance)."""
-        return model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"]).lm_loss
+        return out.lm_loss
+
+    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+        return self.output_eval_loss(self.forward(model, batch), batch)
 
 
 def check_pipeline_support(cfg: Config, objective: Objective) -> None:
-    if cfg.parallel.pp > 1 and not objective.pipeline:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: {type(objective).__name__} needs more than labels on the "
-                          f"last pipeline stage; use parallel.pp=1 (tp, ep and dp work)")
+    """Under parallel.pp > 1 the last stage calls ``output_loss``, never ``loss``: an objective that overrides only
+    ``loss`` would train the language-model loss there instead of its own."""
+    cls = type(objective)
+    if cfg.parallel.pp > 1 and cls.loss is not Objective.loss and cls.output_loss is Objective.output_loss:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: {cls.__name__} overrides loss() but not output_loss(), "
+                          f"which the last pipeline stage calls; split it into forward() + output_loss(), or use "
+                          f"parallel.pp=1")
 
 
 def setup(cfg: Config, objective: Objective | None = None) -> Run:
@@ -228,6 +257,7 @@ def setup(cfg: Config, objective: Objective | None = None) -> Run:
     if not topo.is_trivial:  # megatron-core groups; pure data parallelism needs only the world group (and
         initialize_parallel(topo)  # skipping megatron-core's import saves ~5 s of start-up per process)
     engine = build_engine(build_model_for(cfg, topo, objective), cfg, topo, global_batch_at(0, cfg))
+    objective.attach(engine, topo)
     set_collective_timeout(cfg.train.dist_timeout_s)  # also the groups megatron-core and DeepSpeed created
     guard = StepGuard(engine)
     state = resume(engine, cfg)
@@ -337,7 +367,8 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.topo.pp > 1:  # every stage draws the batch; the first and last stages read it
         from parallel.pipeline import pipeline_train_batch
         means, dropped, load = pipeline_train_batch(engine, micro_batches, weights,
-                                                    lambda rows: run.objective.batch(run, rows), run.device)
+                                                    lambda rows: run.objective.batch(run, rows), run.device,
+                                                    run.objective)
         model, rows = engine.module.stage, engine.module.stage.moe_rows
     else:
         means, dropped, load = _forward_backward(run, micro_batches, weights)
@@ -352,6 +383,7 @@ def train_step(run: Run, step: int) -> StepResult:
     grad_norm = engine.get_global_grad_norm()
     grad_norm = run.stage0_grad_norm if grad_norm is None else grad_norm
     parts = dict(zip(run.objective.names, means.tolist()))
+    run.objective.finish_parts(parts)
     return StepResult(parts, dropped, lr, float("nan") if grad_norm is None else float(grad_norm),
                       run.objective.step_tokens(global_batch * cfg.data.seq_length), time.perf_counter() - start,
                       load.cpu(), skipped=skipped)
@@ -404,12 +436,13 @@ def maybe_eval(run: Run, step: int) -> float | None:
     micro_batches = stream.next_batch(t.eval_iters * t.micro_batch_size * run.topo.dp_size)
     if run.topo.pp > 1:
         from parallel.pipeline import pipeline_eval_loss
-        return pipeline_eval_loss(run.engine, micro_batches, lambda rows: run.objective.batch(run, rows))
+        return pipeline_eval_loss(run.engine, micro_batches, lambda rows: run.objective.eval_batch(run, rows),
+                                  run.objective)
     model = run.engine.module
     model.eval()
     total = torch.zeros(1, device=run.device)
     for rows in micro_batches:
-        total += run.objective.eval_loss(model, run.objective.batch(run, rows)).float()
+        total += run.objective.eval_loss(model, run.objective.eval_batch(run, rows)).float()
     model.train()
     return (dp_sum(total, run.topo) / (t.eval_iters * run.topo.dp_size)).item()
 

@@ -1,6 +1,7 @@
 """posttrain.grpo (and posttrain.ppo) end to end on the tiny preset: the ratio is exactly 1 on each rollout's first mini-batch (and not on
 the later ones), the rl.* config errors, exact resume mid-rollout and at a rollout boundary (the rollout regenerated
-from its seed), and the layouts (dp2 ZeRO-1, tp2, dp2-ep2) giving the single process's losses on fixed rollouts
+from its seed), and the layouts (dp2 ZeRO-1, tp2, dp2-ep2; pp2 resumed mid-rollout) giving the single process's
+losses on fixed rollouts
 (tests/grpo_fixed.py). A rollout is 4 prompts x G 4 = 16 outputs, 2 mini-batches of 8 (steps 1-2: rollout 0, 3-4:
 rollout 1). The data (``rl_data``), the single-process fixed-rollout runs (``fixed_single``, ``ppo_single``) and the
 launcher (``helpers.grpo``) are shared with tests/test_posttrain_layouts4.py (the four-process layouts)."""
@@ -113,6 +114,25 @@ def test_resume_is_exact_on_two_ranks(rl_data, tmp_path, monkeypatch):
 def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, tmp_path, monkeypatch):
     grpo(tmp_path / "run", rl_data, monkeypatch, *layout, nproc=2, fixed=True)
     assert_same_losses(losses(tmp_path / "run"), fixed_single, KEYS, steps=STEPS, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_pipeline_resumed_mid_rollout_gives_the_single_process_losses(stage, request, rl_data, tmp_path, monkeypatch):
+    """pp2, stopped in the middle of rollout 1 and resumed: pi_old / pi_ref (and PPO's critic values) run through
+    the pipeline outside the schedule, each stage records and compares its own routers' routes (its own rollout
+    files), the last stage computes the loss from DeepSpeed's labels tuple, PPO's critic takes its own 1F1B step
+    and resumes from its DeepSpeed files: the single process's metrics, route flip rate included."""
+    extra = PPO_ARGS if stage == "ppo" else ()
+    want = losses(request.getfixturevalue("ppo_single")) if stage == "ppo" else request.getfixturevalue("fixed_single")
+    out = tmp_path / "run"
+    grpo(out, rl_data, monkeypatch, *extra, "parallel.pp=2", "train.exit_at_step=3", nproc=2, fixed=True, stage=stage)
+    grpo(out, rl_data, monkeypatch, *extra, "parallel.pp=2", nproc=2, fixed=True, stage=stage)
+    assert sorted(p.name for p in (out / "rollouts").glob("rollout_000001_dp*.pt")) == [
+        "rollout_000001_dp000_pp00.pt", "rollout_000001_dp000_pp01.pt"]
+    keys = (PPO_KEYS if stage == "ppo" else KEYS) + ("rl/route_flip_rate",)
+    assert want[1]["rl/route_flip_rate"] > 0
+    assert_same_losses(losses(out), want, keys, steps=STEPS, atol=1e-6)
 
 
 def test_generate_logprobs_are_the_forwards_tempered_logprobs():

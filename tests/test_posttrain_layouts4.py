@@ -19,11 +19,7 @@ LAYOUTS = {"tp2-dp2-ep2": ("parallel.tp=2", "parallel.ep=2"),
            "pp2-dp2-ep2": ("parallel.pp=2", "parallel.ep=2"),
            "tp2-pp2": ("parallel.tp=2", "parallel.pp=2")}
 
-# The (stage, layout) pairs that run today. rm / dpo / grpo / ppo refuse parallel.pp>1 (one-line error) until they
-# get pipeline support; then each is one more pair here, e.g. ("dpo", "pp2-dp2-ep2").
-CASES = [("sft", "tp2-dp2-ep2"), ("rm", "tp2-dp2-ep2"), ("dpo", "tp2-dp2-ep2"),
-         ("grpo", "tp2-dp2-ep2"), ("ppo", "tp2-dp2-ep2"),
-         ("sft", "pp2-dp2-ep2"), ("sft", "tp2-pp2")]
+CASES = [(stage, layout) for layout in LAYOUTS for stage in ("sft", "rm", "dpo", "grpo", "ppo")]
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """posttrain.sft / rm / dpo end to end on the pretraining loop: train.init_from, the layouts (dp2, tp2, dp2-ep2; SFT
-also pp2) give the single-process losses, exact resume, the held-out eval/loss, pipeline refusal for RM/DPO. Each
+also pp2) give the single-process losses, exact resume, the held-out eval/loss, RM and DPO under pp2. Each
 run is a few seconds of the tiny preset. The data (``chat_data``), the single-process runs (``single``) and the
 launcher (``helpers.posttrain``) are shared with tests/test_posttrain_layouts4.py (the four-process layouts)."""
 from __future__ import annotations
@@ -175,10 +175,29 @@ def test_dpo_eval_loss_with_a_precomputed_reference_equals_the_held_one(chat_dat
     assert runs["held"][0]["eval_loss"] != pytest.approx(0.6931471805599453, abs=1e-4)  # the policy moved
 
 
-def test_pipeline_is_refused_in_one_line(chat_data, tmp_path):
-    proc = posttrain("dpo", tmp_path / "run", chat_data, "parallel.pp=2", check=False)
-    assert proc.returncode == 2
-    assert "error: parallel.pp=2: DPOObjective needs more than labels on the last pipeline stage" in proc.stderr
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_pipeline_gives_the_single_process_losses(stage, single, chat_data, tmp_path):
+    """pp2: the last stage computes the pair loss from DeepSpeed's labels tuple (lengths; DPO's reference log-probs,
+    the frozen reference cut to the same stages and run through the pipeline before the step)."""
+    records = losses(posttrain(stage, tmp_path / "run", chat_data, "parallel.pp=2", nproc=2) and tmp_path / "run")
+    assert_same_losses(records, single[stage], METRICS[stage])
+
+
+def test_an_objective_without_output_loss_is_refused_under_pipeline():
+    """Under pp the last stage calls ``output_loss``: an objective overriding only ``loss`` gets one line."""
+    from pretrain.config import ConfigError, load_config
+    from pretrain.train import Objective, check_pipeline_support
+    from posttrain.objectives import DPOObjective
+
+    class OnlyLoss(Objective):
+        def loss(self, model, batch, weights):
+            raise AssertionError("not called")
+
+    check_pipeline_support(load_config("tiny", ["parallel.pp=1"]), OnlyLoss())
+    check_pipeline_support(load_config("tiny", ["parallel.pp=2"]), DPOObjective())
+    with pytest.raises(ConfigError, match=r"^parallel.pp=2: OnlyLoss overrides loss\(\) but not output_loss\(\)"):
+        check_pipeline_support(load_config("tiny", ["parallel.pp=2"]), OnlyLoss())
 
 
 @pytest.mark.slow

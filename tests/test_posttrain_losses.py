@@ -51,12 +51,12 @@ def test_per_token_logps_sum_the_labelled_tokens():
     model, model_cfg = make_model("llama_gqa")
     model.loss_fn = per_token_nll
     batch = _sft_batch(model_cfg, seed=1)
-    logps, _ = sequence_logps(model, batch)
+    logps = sequence_logps(model, batch)
     logp = torch.log_softmax(model(batch["input_ids"]).double(), -1)
     for b in range(2):
         keep = (batch["labels"][b] != IGNORE_INDEX).nonzero().flatten().tolist()
         assert float(logps[b]) == pytest.approx(float(sum(logp[b, t, batch["labels"][b, t]] for t in keep)), rel=1e-5)
-    mean, _ = sequence_logps(model, batch, average=True)
+    mean = sequence_logps(model, batch, average=True)
     assert torch.allclose(mean, logps / (batch["labels"] != IGNORE_INDEX).sum(-1), rtol=1e-6)
 
 

@@ -70,10 +70,16 @@ class PPOObjective(GRPOObjective):
         if cfg.rl.critic_init:
             critic_cfg.train.init_from = cfg.rl.critic_init
         critic = build_model_for(critic_cfg, topo, _Critic(fresh_head=not cfg.rl.critic_init))
+        critic.varying_shapes = True  # GRPO's micro-batches (parallel.pipeline: dynamic shapes)
         self.critic = build_engine(critic, cfg, topo, cfg.train.global_batch_size)
         set_lr(self.critic, cfg.rl.critic_lr or cfg.optim.lr)
         self.micro_per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topo.dp_size)
         return model
+
+    def attach(self, engine, topo):
+        super().attach(engine, topo)
+        self.critic_model = self.critic.module.stage if topo.pp > 1 else self.critic.module
+        self.step_batches = []
 
     def build_data(self, cfg, topo, state, pin_memory):
         from pretrain.checkpoint import _load_engine_files, tag_for
@@ -99,7 +105,7 @@ class PPOObjective(GRPOObjective):
         values = []
         for pos in self.micro_batches(rollout, torch.arange(len(rollout.rows))):
             b = self._inputs(rollout, pos)
-            v = self.critic.module(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu()
+            v = self.token_outputs(self.critic_model, b).cpu()
             values.append(F.pad(v, (0, self.cfg.data.seq_length - 1 - b["width"])))
         rollout.values_old = torch.cat(values)
 
@@ -121,27 +127,60 @@ class PPOObjective(GRPOObjective):
         w = b["width"]
         b["values_old"] = self.rollout.values_old[pos, :w].to(device)
         b["returns"] = self.rollout.returns[pos, :w].to(device)
+        if self.link is not None:  # the critic's pipeline step after the policy's (finish_parts)
+            self.step_batches.append(b)
         return b
 
+    def finish_parts(self, parts: dict) -> None:
+        """Under pipeline parallelism the critic's step: its own 1F1B ``train_batch`` over the micro-batches the
+        policy's step just trained (the same value loss, the same mini-batch boundary as in one process)."""
+        super().finish_parts(parts)
+        if self.link is None:
+            return
+        from parallel.pipeline import pipeline_train_batch
+
+        batches, self.step_batches = self.step_batches, []
+        means, _, _ = pipeline_train_batch(self.critic, batches, self.policy.weights, lambda b: b, self.device,
+                                           _ValueObjective(self))
+        parts.update(zip(_ValueObjective.names[1:], means[1:].tolist()))
+
     def loss(self, model, batch, weights):
+        """The policy's micro-batch, then the critic's on its own engine (which steps at the same boundary)."""
         loss, parts, out = super().loss(model, batch, weights)
         from parallel.expert import sync_expert_grads
 
-        t, r, critic = self.cfg.train, self.cfg.rl, self.critic
+        critic = self.critic
         self.micro += 1
         boundary = self.micro == self.micro_per_step
         critic.set_gradient_accumulation_boundary(boundary)
         sync_expert_grads(critic.module, boundary or self.cfg.parallel.zero_stage >= 2)
-        out_v = critic(batch["input_ids"], labels=batch["labels"])
-        scale = t.global_batch_size // t.micro_batch_size  # DeepSpeed averages over the step's micro-batches, ranks
-        vl, vm = value_loss(out_v.lm_loss, batch["values_old"], batch["returns"], batch["mask"],
-                            eps_value=r.value_clip, denominator=self.token_denominator)
-        critic.backward(vl * scale + balance_loss(out_v, weights))
+        value, value_parts = _ValueObjective(self).output_loss(critic(batch["input_ids"], labels=batch["labels"]),
+                                                               batch, weights)
+        critic.backward(value)
         critic.step()
-        parts.update({"rl/value_loss": (vl * scale).detach().float(),
-                      "rl/value_clip_fraction": vm["value_clip_fraction"].detach().float(),
-                      "rl/value_mean": masked_mean(out_v.lm_loss.detach().float(), batch["mask"])})
+        parts.update({k: v for k, v in value_parts.items() if k != "loss"})
         return loss, parts, out
+
+
+class _ValueObjective:
+    """The critic's loss on its output (values (B, T)): the clipped value loss (token-mean over the mini-batch's global
+    token count), scaled like the policy loss (DeepSpeed averages over the step's micro-batches and ranks), plus the
+    critic's MoE balance terms; as ``Objective.output_loss`` for the critic's pipeline step."""
+
+    names = ("loss", "rl/value_loss", "rl/value_clip_fraction", "rl/value_mean")
+
+    def __init__(self, ppo: PPOObjective):
+        self.ppo = ppo
+
+    def output_loss(self, out, batch, weights, carried=None):
+        t, r = self.ppo.cfg.train, self.ppo.cfg.rl
+        scale = t.global_batch_size // t.micro_batch_size
+        vl, vm = value_loss(out.lm_loss, batch["values_old"], batch["returns"], batch["mask"], eps_value=r.value_clip,
+                            denominator=self.ppo.token_denominator)
+        loss = vl * scale + balance_loss(out, weights, carried)
+        parts = {"loss": loss, "rl/value_loss": vl * scale, "rl/value_clip_fraction": vm["value_clip_fraction"],
+                 "rl/value_mean": masked_mean(out.lm_loss.detach().float(), batch["mask"])}
+        return loss, {k: v.detach().float().reshape(()) for k, v in parts.items()}
 
 
 def critic_dir(cfg) -> Path:

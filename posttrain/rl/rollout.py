@@ -167,12 +167,17 @@ def rollout_dir(cfg) -> Path:
     return Path(cfg.train.output_dir) / "rollouts"
 
 
+def stage_suffix(topo) -> str:
+    """A pipeline stage's own rollout files (its routers' routes): ``_ppNN`` under parallel.pp > 1, else ''."""
+    return f"_pp{topo.pp_rank:02d}" if topo.pp > 1 else ""
+
+
 def save_rollout(rollout: Rollout, cfg, topo) -> None:
-    """This DP rank's file (its TP rank 0 writes) and the cursor json (global rank 0)."""
+    """This DP rank's file (its TP rank 0 writes; one per pipeline stage) and the cursor json (global rank 0)."""
     d = rollout_dir(cfg)
     if topo.tp_rank == 0:
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"rollout_{rollout.index:06d}_dp{topo.dp_rank:03d}.pt.tmp"
+        tmp = d / f"rollout_{rollout.index:06d}_dp{topo.dp_rank:03d}{stage_suffix(topo)}.pt.tmp"
         torch.save(rollout.state(), tmp)
         tmp.replace(tmp.with_suffix(""))
     if dist.get_rank() == 0:
@@ -187,14 +192,18 @@ def load_cursor(cfg, index: int) -> int:
     return json.loads(path.read_text())["cursor_end"]
 
 
-def load_rollout(cfg, index: int, rows: torch.Tensor) -> Rollout:
+def load_rollout(cfg, index: int, rows: torch.Tensor, suffix: str = "") -> Rollout:
     """Rollout ``index`` from its files, with the per-token tensors of the global ``rows`` this rank trains (saved by
-    whichever DP rank held them, in any layout)."""
-    files = sorted(rollout_dir(cfg).glob(f"rollout_{index:06d}_dp*.pt"))
+    whichever DP rank held them, in any data-parallel size); ``suffix``: this pipeline stage's files
+    (``stage_suffix``; a mid-rollout resume keeps the pipeline layout, whose stages hold different routers)."""
+    import re
+
+    pattern = re.compile(rf"rollout_{index:06d}_dp\d+{suffix}\.pt")
+    files = sorted(f for f in rollout_dir(cfg).glob(f"rollout_{index:06d}_dp*.pt") if pattern.fullmatch(f.name))
     if not files:
-        raise FileNotFoundError(f"{rollout_dir(cfg)}/rollout_{index:06d}_dp*.pt is missing: the resumed step is in "
-                                f"the middle of rollout {index}, whose pi_old cannot be recomputed; resume from a "
-                                f"checkpoint at a rollout boundary")
+        raise FileNotFoundError(f"{rollout_dir(cfg)}/rollout_{index:06d}_dp*{suffix}.pt is missing: the resumed step "
+                                f"is in the middle of rollout {index}, whose pi_old cannot be recomputed (or was made "
+                                f"with another parallel.pp); resume from a checkpoint at a rollout boundary")
     states = [torch.load(f, weights_only=True) for f in files]
     state = dict(states[0])
     held = torch.cat([s["rows"] for s in states])

@@ -18,6 +18,12 @@ The loss of a micro-batch is ``posttrain.rl.objectives.policy_loss`` (clip-highe
 B x max_new_tokens, per ``rl.loss_agg``), times the number of (micro-batch, DP rank) pairs of the step: DeepSpeed
 averages over those, so the gradient is exactly the mini-batch's in every layout; plus the MoE balance terms.
 Log-probs are taken at ``rl.temperature``. The MoE expert bias moves at ``rl.bias_update_speed`` (default 0: frozen).
+
+Under pipeline parallelism the policy is this rank's stage (``attach``): generation decodes through the pipeline,
+pi_old and pi_ref run through it (``token_outputs``: ``parallel.pipeline.stage_forward``, the last stage's values
+broadcast to every stage), each stage records its own routers' routes and takes them back per micro-batch through a
+forward pre-hook (DeepSpeed's schedule runs the forwards in micro-batch order), the last stage computes
+``output_loss`` from the batch's tensors, and ``finish_parts`` sums the route flips over the stages.
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ def set_routes(routers: list, hook) -> None:
 class GRPOObjective(PosttrainObjective):
     """Group relative policy optimisation on on-policy rollouts of the training model (``posttrain.grpo``)."""
 
-    stage, pipeline = "grpo", False
+    stage = "grpo"
 
     # -------------------------------------------------------------------------------------------- set-up
 
@@ -96,6 +102,10 @@ class GRPOObjective(PosttrainObjective):
         if t.batch_size_rampup or t.batch_ramp_start is not None:
             raise ConfigError("train.batch_size_rampup / train.batch_ramp_start: a GRPO mini-batch is "
                               "train.global_batch_size sequences throughout; remove the ramp")
+        if cfg.parallel.pp > 1 and r.routing_replay and t.activation_checkpointing:
+            raise ConfigError("rl.routing_replay with parallel.pp > 1 and train.activation_checkpointing: the 1F1B "
+                              "schedule recomputes a micro-batch after the next one's forward, with that one's routes; "
+                              "turn one of them off")
         if self.stage == "grpo" and r.group_size < 2:
             raise ConfigError(f"rl.group_size={r.group_size}: GRPO's baseline is the group mean; use >= 2")
         checked = super().preflight(cfg, world_size, rank)
@@ -111,26 +121,65 @@ class GRPOObjective(PosttrainObjective):
         return checked
 
     def prepare_model(self, model, cfg, topo):
+        from parallel.pipeline import cut_stage
         from pretrain.train import build_model_for
 
-        self.cfg, self.topo, self.model = cfg, topo, model
+        self.cfg, self.topo = cfg, topo
         base = per_token_nll_tp if topo.tp > 1 else per_token_nll
         model.loss_fn = tempered(base, cfg.rl.temperature)
         self.reference = None
         if cfg.rl.kl_coef > 0:  # the init weights in the same layout, frozen
             # in train mode like pi_old (MoE token dropping alike; nothing else differs): the KL is 0 until the
             # policy moves
-            self.reference = build_model_for(cfg, topo, _FrozenReference()).train()
+            self.reference = cut_stage(build_model_for(cfg, topo, _FrozenReference()), cfg, topo).train()
             self.reference.loss_fn = model.loss_fn
             if cfg.train.precision == "bf16":  # the policy's precision (DeepSpeed casts it); the router bias as there
                 from pretrain.engine import keep_router_bias_fp32
                 keep_router_bias_fp32(self.reference.to(torch.bfloat16))
-        self.routers = routers_of(model)
         self.tp_group = None
         if topo.tp > 1:
             from megatron.core.parallel_state import get_tensor_model_parallel_group
             self.tp_group = get_tensor_model_parallel_group()
+        model.varying_shapes = True  # micro-batches cut at their longest row (parallel.pipeline: dynamic shapes)
         return model
+
+    def attach(self, engine, topo):
+        """The live policy: the model, or under pipeline parallelism this rank's stage (rollouts decode through the
+        pipeline, pi_old / pi_ref run through it with ``stage_forward``, each stage records and replays its own
+        routers' routes)."""
+        from parallel.pipeline import pipe_link
+
+        super().attach(engine, topo)
+        self.model = self.policy
+        self.device = next(self.model.parameters()).device
+        self.routers = routers_of(self.model)
+        self.link = pipe_link(self.model)
+        self.pending_routes, self.flip_counts, self.hook = [], [], None
+        if self.link is not None:  # the stage's routes per micro-batch, in the schedule's order (every stage counts,
+            self.model.register_forward_pre_hook(self._next_routes)  # a stage without routers zeros)
+            self.model.register_forward_hook(self._count_flips)
+
+    def _next_routes(self, module, args) -> None:
+        if module.training and self.pending_routes:
+            self.hook, self.hook_mask = self.pending_routes.pop(0)
+            set_routes(self.routers, self.hook)
+
+    def _count_flips(self, module, args, output) -> None:
+        if module.training:
+            self.flip_counts.append(self.hook.flips(self.hook_mask) if self.hook is not None else (0.0, 0.0))
+
+    def finish_parts(self, parts: dict) -> None:
+        """Under pipeline parallelism: ``rl/route_flip_rate`` from every stage's routers (each micro-batch's
+        flipped / routed slots summed over the stages, averaged over micro-batches and data-parallel ranks, as the
+        one-process loss computes it per micro-batch)."""
+        if self.link is None:
+            return
+        counts = torch.tensor(self.flip_counts, dtype=torch.float64, device=self.device)  # (micro-batches, 2)
+        self.flip_counts = []
+        dist.all_reduce(counts, group=self.topo.pp_group)
+        rates = torch.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1].clamp(min=1), 0.0)
+        total = dp_sum(rates.sum().view(1), self.topo)
+        parts["rl/route_flip_rate"] = float(total) / (len(rates) * self.topo.dp_size)
 
     def build_data(self, cfg, topo, state, pin_memory):
         self.rollout, self.step, self.update_start, self.update_seconds = None, state.step, None, 0.0
@@ -182,7 +231,7 @@ class GRPOObjective(PosttrainObjective):
         lp = torch.full((len(prompts), S - 1), float("nan"))
         for i, (p, row) in enumerate(zip(prompts, logprobs or [])):
             lp[i, len(p.ids) - 1:len(p.ids) - 1 + len(row)] = torch.tensor(row)
-        device = self.model.embed_tokens.weight.device
+        device = self.device
         local = {"tokens": tokens, "prompt_len": prompt_len, "resp_len": resp_len, "truncated": truncated.long(),
                  "rewards": torch.tensor(totals, dtype=torch.float64),
                  "values": torch.tensor(values, dtype=torch.float64).view(len(prompts), len(self.rewards)),
@@ -252,8 +301,7 @@ class GRPOObjective(PosttrainObjective):
         rollout.advantages = grpo_advantages(scores, r.group_size, normalize_std=r.normalize_std, eps_std=r.eps_std)
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        device = self.model.embed_tokens.weight.device
-        return dp_sum(t.to(device), self.topo).cpu()
+        return dp_sum(t.to(self.device), self.topo).cpu()
 
     def micro_batches(self, rollout: ro.Rollout, positions: torch.Tensor) -> list[torch.Tensor]:
         mb = self.cfg.train.micro_batch_size
@@ -270,16 +318,29 @@ class GRPOObjective(PosttrainObjective):
             set_routes(self.routers, hook)
             pad = self.cfg.data.seq_length - 1 - b["width"]  # stored at full width
             try:
-                old.append(F.pad(-self.model(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu(), (0, pad)))
+                old.append(F.pad(self.token_logps(self.model, b).cpu(), (0, pad)))
             finally:
                 set_routes(self.routers, None)
             if self.routers:
                 routes.append(F.pad(hook.stacked(len(pos)).cpu(), (0, 0, 0, pad)))
             if self.reference is not None:
-                ref.append(F.pad(-self.reference(b["input_ids"], labels=b["labels"]).lm_loss.float().cpu(), (0, pad)))
+                ref.append(F.pad(self.token_logps(self.reference, b).cpu(), (0, pad)))
         rollout.logp_old = torch.cat(old)
         rollout.logp_ref = torch.cat(ref) if ref else None
         rollout.routes = torch.cat(routes) if routes else None
+
+    def token_logps(self, model, b: dict) -> torch.Tensor:
+        """Per-token log-probs (B, T) of the batch's labels under ``model`` (the policy or the reference)."""
+        return -self.token_outputs(model, b)
+
+    def token_outputs(self, model, b: dict) -> torch.Tensor:
+        """``model``'s per-token ``loss_fn`` values (B, T) on the batch (NLLs; the critic's values), no grad: the
+        model whole, or this rank's pipeline stage (then through the pipeline, and on every stage)."""
+        from parallel.pipeline import stage_forward
+
+        out = stage_forward(model, b["input_ids"], b["labels"], link=self.link)
+        values = None if out is None else out.lm_loss.float()
+        return values if self.link is None else self.link.share(values, b["labels"].shape, torch.float32, self.device)
 
     def _inputs(self, rollout: ro.Rollout, pos: torch.Tensor) -> dict:
         """The micro-batch of this rank's rows ``pos``, cut after its longest row's last token (the padding to
@@ -287,7 +348,7 @@ class GRPOObjective(PosttrainObjective):
         rows = rollout.rows[pos]
         plen, rlen = rollout.prompt_len[rows], rollout.resp_len[rows]
         width = int((plen + rlen).max())
-        device = self.model.embed_tokens.weight.device
+        device = self.device
         tokens = rollout.tokens[rows, :width]
         mask = ro.response_mask(plen, rlen, width - 1)
         return {"input_ids": tokens[:, :-1].to(device), "labels": ro.labels_of(tokens, mask).to(device),
@@ -299,7 +360,7 @@ class GRPOObjective(PosttrainObjective):
             if self.rollout is None and (step - 1) % self.steps_per_rollout:  # resumed mid-rollout
                 rows = ro.local_rows(self.cfg.rl.prompts_per_step * self.cfg.rl.group_size,
                                      self.cfg.train.global_batch_size, self.topo.dp_size, self.topo.dp_rank)
-                self.rollout = ro.load_rollout(self.cfg, index, rows)
+                self.rollout = ro.load_rollout(self.cfg, index, rows, ro.stage_suffix(self.topo))
                 self.cursor = self.rollout.cursor_end
                 ro.restore_reference(self.reference, self.cfg, index)
             else:
@@ -327,33 +388,46 @@ class GRPOObjective(PosttrainObjective):
         b["logp_ref"] = None if rollout.logp_ref is None else rollout.logp_ref[pos, :w].to(device)
         b["routes"] = None if rollout.routes is None else rollout.routes[pos, :, :w]
         b["denominator"] = self.denominator
+        if self.link is not None:  # this stage's routes wait for its forward inside DeepSpeed's schedule
+            if b["routes"] is not None:
+                self.pending_routes.append((self.route_hook(b["routes"]), b["labels"] != -100))
+            b["routes"] = None
         return b
 
-    def loss(self, model, batch, weights):
+    def route_hook(self, routes: torch.Tensor | None) -> ro.RouteHook | None:
+        """The rollout's routes (mb, L, T, K) of a micro-batch -> the hook comparing (``rl.routing_replay``:
+        replaying) them in the training forward."""
+        if routes is None:
+            return None
+        recorded = [x.reshape(-1, x.shape[-1]).long() for x in routes.unbind(1)]  # per router (mb T, K)
+        return ro.RouteHook(self.routers, recorded, replay=self.cfg.rl.routing_replay)
+
+    def forward(self, model, batch):
+        self.hook = self.route_hook(batch["routes"])
+        set_routes(self.routers, self.hook)  # kept for an activation-checkpointing recompute in the backward
+        return model(batch["input_ids"], labels=batch["labels"])
+
+    def output_loss(self, out, batch, weights, carried=None):
         r, t = self.cfg.rl, self.cfg.train
-        hook = None
-        if batch["routes"] is not None:  # (mb, L, T, K) -> per router (mb T, K)
-            recorded = [x.reshape(-1, x.shape[-1]).long() for x in batch["routes"].unbind(1)]
-            hook = ro.RouteHook(self.routers, recorded, replay=r.routing_replay)
-        set_routes(self.routers, hook)  # kept for an activation-checkpointing recompute in the backward
-        out = model(batch["input_ids"], labels=batch["labels"])
         logp = -out.lm_loss.float()
         entropy = token_entropy(out.logits, r.temperature, self.tp_group)
         pl, m = policy_loss(logp, batch["logp_old"], batch["advantages"], batch["mask"], eps_low=r.clip_eps_low,
-                            eps_high=r.clip_eps_high, logp_ref=batch["logp_ref"],
+                            eps_high=r.clip_eps_high, logp_ref=batch.get("logp_ref"),
                             beta=0.0 if r.kl_in_reward else r.kl_coef, kl_estimator=r.kl_estimator,
                             kl_importance_correction=r.kl_importance_correction, aggregation=r.loss_agg,
-                            generation_budget=r.max_new_tokens, denominator=batch["denominator"], entropy=entropy)
+                            generation_budget=r.max_new_tokens, denominator=float(batch["denominator"]),
+                            entropy=entropy)
         # DeepSpeed averages the gradient over the step's micro-batches and DP ranks (B / mb of them): undo it, so
         # the step's gradient is that of the mini-batch's loss (the sum of the micro-batch terms).
-        loss = pl * (t.global_batch_size // t.micro_batch_size) + balance_loss(out, weights)
+        loss = pl * (t.global_batch_size // t.micro_batch_size) + balance_loss(out, weights, carried)
+        hook = self.hook if self.link is None else None  # a pipeline's flips: finish_parts, over every stage
         changed, total = hook.flips(batch["labels"] != -100) if hook is not None else (0.0, 0.0)
         parts = {"loss": loss, "rl/kl": m.get("kl", torch.zeros(())), "rl/clip_fraction": m["clip_fraction"],
                  "rl/ratio": m["ratio"], "rl/entropy": m["entropy"],
                  "rl/route_flip_rate": torch.tensor(changed / total if total else 0.0),
                  "rl/update_seconds": torch.tensor(self.update_seconds),
                  **{k: torch.tensor(v) for k, v in self.rollout.metrics.items() if k in self.names}}
-        return loss, {k: v.detach().float().reshape(()) for k, v in parts.items()}, out
+        return loss, {k: v.detach().float().reshape(()) for k, v in parts.items()}
 
 
 class _RolloutStream:
