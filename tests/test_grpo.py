@@ -28,6 +28,12 @@ def test_ratio_is_one_on_each_rollouts_first_minibatch_only(fixed_single):
     assert fixed_single[0]["rl/reward_mean"] == fixed_single[1]["rl/reward_mean"] != fixed_single[2]["rl/reward_mean"]
 
 
+def test_update_seconds_are_each_steps_own(fixed_single):
+    """rl/update_seconds is the step's own update (measured after it), not the previous step's: step 1 has one
+    too (it logged 0 when the value lagged a step)."""
+    assert all(r["rl/update_seconds"] > 0 for r in fixed_single)
+
+
 def test_throughput_counts_trained_tokens_not_padding(fixed_single, tmp_path_factory):
     """train/tokens (and so tokens/s and MFU) adds each mini-batch's prompt + response tokens, not its rows padded
     to data.seq_length (8 x 32 = 256 per step): 8 rows of a chat-rendered prompt (about 10 tokens) + 1..8 new ones."""
@@ -117,22 +123,30 @@ def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
-def test_pipeline_resumed_mid_rollout_gives_the_single_process_losses(stage, request, rl_data, tmp_path, monkeypatch):
-    """pp2, stopped in the middle of rollout 1 and resumed: pi_old / pi_ref (and PPO's critic values) run through
-    the pipeline outside the schedule, each stage records and compares its own routers' routes (its own rollout
-    files), the last stage computes the loss from DeepSpeed's labels tuple, PPO's critic takes its own 1F1B step
-    and resumes from its DeepSpeed files: the single process's metrics, route flip rate included."""
-    extra = PPO_ARGS if stage == "ppo" else ()
-    want = losses(request.getfixturevalue("ppo_single")) if stage == "ppo" else request.getfixturevalue("fixed_single")
+def test_pipeline_resumed_mid_rollout_gives_the_single_process_losses(fixed_single, rl_data, tmp_path, monkeypatch):
+    """GRPO in pp2, stopped in the middle of rollout 1 and resumed: pi_old / pi_ref run through the pipeline outside
+    the schedule, each stage records and compares its own routers' routes (its own rollout files), the last stage
+    computes the loss from DeepSpeed's labels tuple: the single process's metrics, route flip rate included."""
     out = tmp_path / "run"
-    grpo(out, rl_data, monkeypatch, *extra, "parallel.pp=2", "train.exit_at_step=3", nproc=2, fixed=True, stage=stage)
-    grpo(out, rl_data, monkeypatch, *extra, "parallel.pp=2", nproc=2, fixed=True, stage=stage)
+    grpo(out, rl_data, monkeypatch, "parallel.pp=2", "train.exit_at_step=3", nproc=2, fixed=True)
+    grpo(out, rl_data, monkeypatch, "parallel.pp=2", nproc=2, fixed=True)
     assert sorted(p.name for p in (out / "rollouts").glob("rollout_000001_dp*.pt")) == [
         "rollout_000001_dp000_pp00.pt", "rollout_000001_dp000_pp01.pt"]
-    keys = (PPO_KEYS if stage == "ppo" else KEYS) + ("rl/route_flip_rate",)
-    assert want[1]["rl/route_flip_rate"] > 0
-    assert_same_losses(losses(out), want, keys, steps=STEPS, atol=1e-6)
+    assert fixed_single[1]["rl/route_flip_rate"] > 0
+    assert_same_losses(losses(out), fixed_single, KEYS + ("rl/route_flip_rate",), steps=STEPS, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ppo_in_pipeline_resumed_from_another_layout(ppo_single, rl_data, tmp_path, monkeypatch):
+    """PPO saved by dp2 ZeRO-1 at a rollout boundary and resumed in pp2: the critic comes back from its layout-free
+    state (resharded like the policy), its values feed the next rollout's GAE and it takes its own 1F1B step after
+    the policy's: the single process's metrics, the critic's included."""
+    out = tmp_path / "run"
+    grpo(out, rl_data, monkeypatch, *PPO_ARGS, "parallel.zero_stage=1", "train.exit_at_step=2", nproc=2, fixed=True,
+         stage="ppo")
+    assert (out / "critic" / "step_0000002" / "state" / "index.json").is_file()
+    grpo(out, rl_data, monkeypatch, *PPO_ARGS, "parallel.pp=2", nproc=2, fixed=True, stage="ppo")
+    assert_same_losses(losses(out), losses(ppo_single), PPO_KEYS + ("rl/route_flip_rate",), steps=STEPS, atol=1e-6)
 
 
 def test_generate_logprobs_are_the_forwards_tempered_logprobs():

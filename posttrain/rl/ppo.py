@@ -14,8 +14,9 @@
   global token count) on the critic's engine, which steps at the same mini-batch boundary.
 
 ``rl.group_size`` may be 1 (PPO needs no group). The critic is checkpointed to ``train.output_dir/critic/step_N``
-before each policy checkpoint (``Objective.before_checkpoint``) and reloaded on resume (same layout: DeepSpeed's own
-files). Metrics: GRPO's plus ``rl/value_loss``, ``rl/value_clip_fraction``, ``rl/value_mean``.
+before each policy checkpoint (``Objective.before_checkpoint``): DeepSpeed's files and the layout-free state, so
+a run resumes in the layout that saved it (DeepSpeed's loader) or any other (resharded, as the policy). Metrics:
+GRPO's plus ``rl/value_loss``, ``rl/value_clip_fraction``, ``rl/value_mean``.
 """
 from __future__ import annotations
 
@@ -82,20 +83,47 @@ class PPOObjective(GRPOObjective):
         self.step_batches = []
 
     def build_data(self, cfg, topo, state, pin_memory):
-        from pretrain.checkpoint import _load_engine_files, tag_for
-
         if state.step:  # the critic of the resumed checkpoint (saved just before it)
-            _load_engine_files(self.critic, cfg, critic_dir(cfg), tag_for(state.step))
+            self.load_critic(cfg, topo, state.step)
         return super().build_data(cfg, topo, state, pin_memory)
 
+    def load_critic(self, cfg, topo, step: int) -> None:
+        """The critic saved with checkpoint ``step``: DeepSpeed's files in the layout that wrote them, else its
+        layout-free state resharded into this layout (as the policy's ``pretrain.checkpoint.resume``)."""
+        import json
+
+        from pretrain.checkpoint import STATE_FILE, CheckpointError, _load_engine_files, _world, tag_for
+        from pretrain.checkpoint_format import STATE_DIR, layout_of, load_into_engine
+
+        step_dir = critic_dir(cfg) / tag_for(step)
+        saved = json.loads((Path(cfg.train.output_dir) / tag_for(step) / STATE_FILE).read_text())
+        if saved.get("engine_files", True) and saved.get("layout") in (None, layout_of(cfg, _world())):
+            _load_engine_files(self.critic, cfg, critic_dir(cfg), tag_for(step))
+            return
+        if not (step_dir / STATE_DIR).is_dir():
+            raise CheckpointError(f"{step_dir}: the critic of checkpoint {tag_for(step)} has no layout-free state "
+                                  f"(written before it existed); resume PPO in the layout that saved it")
+        load_into_engine(self.critic, topo, step_dir / STATE_DIR)
+        self.critic.global_steps = step
+
     def before_checkpoint(self, step: int) -> None:
-        from pretrain.checkpoint import complete_tags, tag_for
+        """The critic beside checkpoint ``step``: DeepSpeed's files and the layout-free state (collective)."""
+        import json
+
+        from pretrain.checkpoint import _all_gather, _world, complete_tags, tag_for
+        from pretrain.checkpoint_format import INDEX, STATE_DIR, layout_of, merge_index, snapshot, write_snapshot
 
         root = critic_dir(self.cfg)
         self.critic.save_checkpoint(str(root), tag=tag_for(step), save_latest=False)
-        if dist.get_rank() == 0:  # the critics of checkpoints that were pruned
+        snap = snapshot(self.critic, self.cfg, self.topo)
+        state_dir = root / tag_for(step) / STATE_DIR
+        entries = _all_gather(write_snapshot(snap, state_dir))
+        if dist.get_rank() == 0:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            index = merge_index(entries, layout_of(self.cfg, _world()), snap.adam_step)
+            (state_dir / INDEX).write_text(json.dumps(index, indent=1))
             keep = set(complete_tags(Path(self.cfg.train.output_dir))) | {tag_for(step)}
-            for d in root.glob("step_*"):
+            for d in root.glob("step_*"):  # the critics of checkpoints that were pruned
                 if d.name not in keep:
                     shutil.rmtree(d, ignore_errors=True)
 
@@ -134,15 +162,14 @@ class PPOObjective(GRPOObjective):
     def finish_parts(self, parts: dict) -> None:
         """Under pipeline parallelism the critic's step: its own 1F1B ``train_batch`` over the micro-batches the
         policy's step just trained (the same value loss, the same mini-batch boundary as in one process)."""
-        super().finish_parts(parts)
-        if self.link is None:
-            return
-        from parallel.pipeline import pipeline_train_batch
+        if self.link is not None:
+            from parallel.pipeline import pipeline_train_batch
 
-        batches, self.step_batches = self.step_batches, []
-        means, _, _ = pipeline_train_batch(self.critic, batches, self.policy.weights, lambda b: b, self.device,
-                                           _ValueObjective(self))
-        parts.update(zip(_ValueObjective.names[1:], means[1:].tolist()))
+            batches, self.step_batches = self.step_batches, []
+            means, _, _ = pipeline_train_batch(self.critic, batches, self.policy.weights, lambda b: b, self.device,
+                                               _ValueObjective(self))
+            parts.update(zip(_ValueObjective.names[1:], means[1:].tolist()))
+        super().finish_parts(parts)  # rl/update_seconds with the critic's step, as in one process
 
     def loss(self, model, batch, weights):
         """The policy's micro-batch, then the critic's on its own engine (which steps at the same boundary)."""

@@ -169,9 +169,11 @@ class GRPOObjective(PosttrainObjective):
             self.flip_counts.append(self.hook.flips(self.hook_mask) if self.hook is not None else (0.0, 0.0))
 
     def finish_parts(self, parts: dict) -> None:
-        """Under pipeline parallelism: ``rl/route_flip_rate`` from every stage's routers (each micro-batch's
-        flipped / routed slots summed over the stages, averaged over micro-batches and data-parallel ranks, as the
-        one-process loss computes it per micro-batch)."""
+        """``rl/update_seconds``: this step's forward, backward and optimizer step (after its rollout was made).
+        Under pipeline parallelism also ``rl/route_flip_rate`` from every stage's routers (each micro-batch's flipped
+        / routed slots summed over the stages, averaged over micro-batches and data-parallel ranks, as the one-process
+        loss computes it per micro-batch)."""
+        parts["rl/update_seconds"] = time.perf_counter() - self.update_start
         if self.link is None:
             return
         counts = torch.tensor(self.flip_counts, dtype=torch.float64, device=self.device)  # (micro-batches, 2)
@@ -182,7 +184,7 @@ class GRPOObjective(PosttrainObjective):
         parts["rl/route_flip_rate"] = float(total) / (len(rates) * self.topo.dp_size)
 
     def build_data(self, cfg, topo, state, pin_memory):
-        self.rollout, self.step, self.update_start, self.update_seconds = None, state.step, None, 0.0
+        self.rollout, self.step, self.update_start = None, state.step, None
         self.cursor = 0 if state.step < self.steps_per_rollout else None  # else read with the rollout
         return _RolloutStream(self, cfg.train.global_batch_size), None
 
@@ -425,7 +427,7 @@ class GRPOObjective(PosttrainObjective):
         parts = {"loss": loss, "rl/kl": m.get("kl", torch.zeros(())), "rl/clip_fraction": m["clip_fraction"],
                  "rl/ratio": m["ratio"], "rl/entropy": m["entropy"],
                  "rl/route_flip_rate": torch.tensor(changed / total if total else 0.0),
-                 "rl/update_seconds": torch.tensor(self.update_seconds),
+                 "rl/update_seconds": torch.zeros(()),  # finish_parts: the step's own update time
                  **{k: torch.tensor(v) for k, v in self.rollout.metrics.items() if k in self.names}}
         return loss, {k: v.detach().float().reshape(()) for k, v in parts.items()}
 
@@ -443,8 +445,6 @@ class _RolloutStream:
 
     def next_batch(self, global_batch: int) -> list[torch.Tensor]:
         o = self.objective
-        now = time.perf_counter()
-        o.update_seconds = now - o.update_start if o.update_start is not None else 0.0
         o.step += 1
         rollout = o.rollout_for(o.step)
         k = ((o.step - 1) % o.steps_per_rollout) % o.minibatches
