@@ -140,10 +140,17 @@ class PipelineStage(DeepSeekModel):
         if not is_last:
             stage.norm, stage.lm_head, stage.mtp = None, None, nn.ModuleList()
         stage.is_first, stage.is_last, stage.weights = is_first, is_last, weights
+        if "ds_moe_marker" in stage._modules and not stage.holds_experts():
+            del stage._modules["ds_moe_marker"]  # parallel.expert's marker: DeepSpeed would want a MoE param group
         stage.moe_rows = [rows[id(m)] for m in stage.modules() if isinstance(m, Router)]
         stage.load_sum, stage.dropped_sum, stage.last_parts = None, 0.0, None
         stage.aux_grad_scale = 1.0  # d(loss)/d(loss) as DeepSpeed backpropagates it: 1 / gradient accumulation steps
         return stage
+
+    def holds_experts(self) -> bool:
+        """Whether this stage holds expert-parallel experts (a stage of dense first layers does not)."""
+        from parallel.shards import expert_parameter_names
+        return bool(expert_parameter_names(self))
 
     def forward(self, inputs):
         if self.is_first:
@@ -210,7 +217,9 @@ class DeepSeekPipeline(PipelineModule):
         # gradient norm); here the tied module is the whole last stage, and only its embedding is a replica.
         for name, p in module.named_parameters():
             p.ds_pipe_replicated = stage == pp - 1 and name == TIED_WEIGHT and pp > 1
-        if hasattr(model, "ds_moe_marker"):  # parallel.expert: makes DeepSpeed reduce experts over expert-DP
+        # parallel.expert's marker makes DeepSpeed reduce experts over expert-DP; a stage holding no experts (dense
+        # first layers) carries none (deepspeed.initialize would want a MoE parameter group)
+        if hasattr(model, "ds_moe_marker") and module.holds_experts():
             self.ds_moe_marker = model.ds_moe_marker
         if self.global_rank == 0:
             print("[pipeline] " + " | ".join(self._describe_stage(s) for s in range(pp)), flush=True)

@@ -254,9 +254,37 @@ def build_engine(model: nn.Module, cfg: Config, topo, global_batch_size: int):
     keep_router_bias_fp32(engine.module)
     if topo.pp > 1 and engine.has_moe_layers:
         _checkpoint_through_layer_files(engine)
+    if topo.pp > 1 and cfg.parallel.zero_stage >= 1:
+        _grad_norm_over_stages(engine, topo)
     if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32":
         _clip_with_exact_norm(engine, topo, cfg.optim.grad_clip)
     return engine
+
+
+def _grad_norm_over_stages(engine, topo) -> None:
+    """ZeRO 1 under pipeline parallelism: DeepSpeed all-reduces each optimizer group's gradient norm over the
+    stage x TP ("model parallel") group, one collective per group, but stages differ in their groups (a stage with
+    experts has a MoE group, a dense one does not) and the counts would not match (a hang). Each group's norm is
+    reduced over the stage's TP group instead (it already skips TP-replicated copies on TP ranks > 0 and the tied
+    embedding's replica), and the squared total once over the pipeline group."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    if not hasattr(opt, "scaled_global_norm"):
+        return
+    tp_group = None
+    if topo.tp > 1:
+        from megatron.core.parallel_state import get_tensor_model_parallel_group
+        tp_group = get_tensor_model_parallel_group()
+    opt.model_parallel_group, opt.model_parallel_world_size = tp_group, topo.tp
+    stage_norm = opt.scaled_global_norm
+
+    def scaled_global_norm(norm_type=2):
+        norm = stage_norm(norm_type).float()
+        sq_and_bad = torch.stack([norm.clamp(min=0) ** 2, (norm < 0).float()])  # -1: DeepSpeed's invalid norm
+        dist.all_reduce(sq_and_bad, group=topo.pp_group)
+        return torch.where(sq_and_bad[1] > 0, torch.full_like(norm, -1.0), sq_and_bad[0].sqrt())
+    opt.scaled_global_norm = scaled_global_norm
 
 
 def _clip_with_exact_norm(engine, topo, max_norm: float) -> None:

@@ -47,9 +47,11 @@ def _reference_dir(tmp_path_factory):
 def test_pp2_dp2_ep2_equals_single_process_across_a_resume(reference, data_dir, tmp_path,
                                                            tmp_path_factory):
     """Stopped at step 2 and resumed: each EP rank must get its own experts back (DeepSpeed's MoE checkpoint
-    path would hand every rank EP rank 0's); the gathered checkpoint equals the single-process weights."""
+    path would hand every rank EP rank 0's); the gathered checkpoint equals the single-process weights. One layer
+    per stage: stage 0 holds the dense layer 0 and no expert (no MoE optimizer group: the stages' ZeRO gradient-norm
+    collectives must still match, pretrain.engine._grad_norm_over_stages)."""
     from pretrain.checkpoint import load_model_from_checkpoint
-    layout = ["parallel.pp=2", "parallel.ep=2"]
+    layout = ["parallel.pp=2", "parallel.ep=2", "parallel.pipeline_layout=[1,1]"]
     train(tmp_path / "run", data_dir, 4, *layout, "train.exit_at_step=2")
     _assert_matches(reference, train(tmp_path / "run", data_dir, 4, *layout), "pp2-dp2-ep2")
     ours = load_model_from_checkpoint(tmp_path / "run")[0].state_dict()

@@ -4,7 +4,7 @@ posttrain.grpo / ppo on the fixed rollouts (tests/grpo_fixed.py) at those of tes
 single-process references and launchers as those tests (conftest.py, helpers.py).
 
 OPT-IN: the plain ``python3 -m pytest tests`` (CI) skips them (``layouts4`` marker, conftest.py); four processes
-on 2 cores take 10-30 s per test, about 4 minutes for the 15 (5 stages x 3 layouts; 4 known failures, xfail):
+on 2 cores take 10-30 s per test, about 4 minutes for the 15 (5 stages x 3 layouts):
 
     python3 -m pytest tests -m layouts4 --layouts4
 """
@@ -19,18 +19,9 @@ LAYOUTS = {"tp2-dp2-ep2": ("parallel.tp=2", "parallel.ep=2"),
            "pp2-dp2-ep2": ("parallel.pp=2", "parallel.ep=2"),
            "tp2-pp2": ("parallel.tp=2", "parallel.pp=2")}
 
-# Known bug (parallel/pipeline.py): pp2-dp2-ep2 cuts these stages' models as "embedding, layer 0 | layer 1, norm,
-# head, MTP"; stage 0 holds no experts but keeps parallel.expert's DeepSpeed MoE marker (PipelineStage.cut copies the
-# model's module table), so deepspeed.initialize asserts on ranks 0-1 "The model has moe layers, but None of the param
-# groups are marked as MoE". Pretraining shows it too (pp2-dp2-ep2 with parallel.pipeline_layout=[1,1]). Dropping the
-# marker there is not enough: ZeRO's grad norm then makes one all-reduce per param group over the pipeline group,
-# 3 groups on the expert stage against 2, and step 1 hangs. A strict xfail: the fix turns these into failures to
-# remove from this set.
-EXPERTLESS_STAGE = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                     reason="pp2-dp2-ep2: a pipeline stage without experts fails deepspeed.initialize")
-BROKEN = {("rm", "pp2-dp2-ep2"), ("dpo", "pp2-dp2-ep2"), ("grpo", "pp2-dp2-ep2"), ("ppo", "pp2-dp2-ep2")}
-CASES = [pytest.param(stage, layout, id=f"{stage}-{layout}",
-                      marks=EXPERTLESS_STAGE if (stage, layout) in BROKEN else ())
+# pp2-dp2-ep2 cuts the stages without MTP (rm, dpo, grpo, ppo) as "embedding, layer 0 | layer 1, norm, head":
+# stage 0 holds no expert (pretrain.engine._grad_norm_over_stages)
+CASES = [pytest.param(stage, layout, id=f"{stage}-{layout}")
          for layout in LAYOUTS for stage in ("sft", "rm", "dpo", "grpo", "ppo")]
 
 
