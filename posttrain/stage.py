@@ -86,7 +86,8 @@ def resolve_length(cfg: Config, num_rows: int) -> None:
 
 class PosttrainObjective(Objective):
     """A post-training stage: ``load(cfg, tok, skipped, paths)`` reads the jsonl records, ``dataset(cfg, num_rows,
-    records)`` makes the rows; subclasses add ``batch`` and ``loss`` (and ``eval_loss``).
+    records)`` makes the rows; subclasses add ``batch`` and ``output_loss`` (and ``output_eval_loss``), which the
+    last pipeline stage also calls.
 
     Held-out evaluation: ``data.eval_paths`` (jsonl files of the stage's own format) with ``train.eval_interval``
     > 0 logs the mean ``eval_loss`` over ``train.eval_iters`` micro-batches per rank as ``eval/loss`` (SFT: the

@@ -389,7 +389,8 @@ class RLConfig:
     ref_reset_interval: int = 0
     """Copy the policy into the reference every this-many rollouts (R1: 400 steps); 0 = never."""
     routing_replay: bool = False
-    """MoE: replay the experts routed at the pi_old forward in the training forward."""
+    """MoE: replay the experts routed at the pi_old forward in the training forward (under parallel.pp > 1 not with
+    train.activation_checkpointing)."""
     bias_update_speed: float = 0.0
     """MoE aux-loss-free bias speed during RL (replaces moe.bias_update_speed; 0 = the bias is frozen)."""
     critic_init: str | None = None
