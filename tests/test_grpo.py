@@ -123,17 +123,21 @@ def test_layouts_give_the_single_process_losses(layout, fixed_single, rl_data, t
 
 
 @pytest.mark.slow
-def test_pipeline_resumed_mid_rollout_gives_the_single_process_losses(fixed_single, rl_data, tmp_path, monkeypatch):
-    """GRPO in pp2, stopped in the middle of rollout 1 and resumed: pi_old / pi_ref run through the pipeline outside
-    the schedule, each stage records and compares its own routers' routes (its own rollout files), the last stage
-    computes the loss from DeepSpeed's labels tuple: the single process's metrics, route flip rate included."""
-    out = tmp_path / "run"
-    grpo(out, rl_data, monkeypatch, "parallel.pp=2", "train.exit_at_step=3", nproc=2, fixed=True)
-    grpo(out, rl_data, monkeypatch, "parallel.pp=2", nproc=2, fixed=True)
+def test_pipeline_resumed_mid_rollout_gives_the_single_process_losses(rl_data, tmp_path, monkeypatch):
+    """GRPO in pp2 with its own rollouts, stopped in the middle of rollout 1 and resumed: the outputs are sampled
+    through the pipeline (the same tokens as one process), pi_old / pi_ref run through it outside the schedule, each
+    stage records and compares its own routers' routes (its own rollout files), the last stage computes the loss
+    from DeepSpeed's labels tuple: the single process's metrics, reward and route flip rate included."""
+    single, out = tmp_path / "single", tmp_path / "pp2"
+    grpo(single, rl_data, monkeypatch)
+    grpo(out, rl_data, monkeypatch, "parallel.pp=2", "train.exit_at_step=3", nproc=2)
+    grpo(out, rl_data, monkeypatch, "parallel.pp=2", nproc=2)
     assert sorted(p.name for p in (out / "rollouts").glob("rollout_000001_dp*.pt")) == [
         "rollout_000001_dp000_pp00.pt", "rollout_000001_dp000_pp01.pt"]
-    assert fixed_single[1]["rl/route_flip_rate"] > 0
-    assert_same_losses(losses(out), fixed_single, KEYS + ("rl/route_flip_rate",), steps=STEPS, atol=1e-6)
+    want = losses(single)
+    assert want[1]["rl/route_flip_rate"] > 0 and want[0]["rl/reward_mean"] != want[2]["rl/reward_mean"]
+    assert_same_losses(losses(out), want, KEYS + ("rl/route_flip_rate", "rl/response_length"), steps=STEPS,
+                       atol=1e-6)
 
 
 @pytest.mark.slow
