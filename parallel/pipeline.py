@@ -5,8 +5,9 @@ keeps the embedding, every stage its slice of ``layers`` (a ModuleDict keyed by 
 state-dict names stay the plain model's), the last stage the norm, head, MTP modules and the embedding again (for
 the MTP inputs and a tied head). ``PipelineStage.forward`` is a thin adapter between DeepSpeed's tuple protocol and
 ``DeepSeekModel.forward``, so blocks, RoPE positions, document masks, MTP input shifting, activation checkpointing
-and expert-load collection exist once, in the model. The loss is ``pretrain.loss.total_loss``, the same function as
-the plain path's. DeepSpeed's layer list is one entry per stage::
+and expert-load collection exist once, in the model. The loss is the objective's ``output_loss`` (pretraining's:
+``pretrain.loss.total_loss``), the same function as the plain path's. DeepSpeed's layer list is one entry per
+stage::
 
     stage 0       (input_ids, labels[, document_ids])                 -> (h, terms, input_ids, labels[, document_ids])
     stage 1..p-2  (h, terms, input_ids, labels[, document_ids])       -> the same tuple
@@ -58,7 +59,7 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from parallel.expert import sync_expert_grads
 from parallel.topology import check_pipeline_layout
 from pretrain.config import Config, ConfigError
-from pretrain.loss import BALANCE_TERMS, LOSS_NAMES, LossWeights, balance_vector, dropped_tokens, total_loss
+from pretrain.loss import BALANCE_TERMS, LossWeights, balance_vector, dropped_tokens
 from pretrain.model.moe import Router
 from pretrain.model.transformer import DeepSeekModel
 
@@ -246,23 +247,20 @@ class DeepSeekPipeline(PipelineModule):
 
     def last_stage_loss(self, outputs, labels) -> torch.Tensor:
         """DeepSpeed's ``loss_fn`` on the last stage: (model output, carried balance terms) and the micro-batch's
-        label tensors (``pipeline_batches``) -> the objective's loss (``Objective.output_loss``; pretraining's
-        ``total_loss`` without an objective); in evaluation ``Objective.output_eval_loss`` (the main head's loss)."""
+        label tensors (``pipeline_batches``) -> the objective's loss (``Objective.output_loss``: pretraining's is
+        ``total_loss``); in evaluation ``Objective.output_eval_loss`` (the main head's loss)."""
         out, carried = outputs
         batch = dict(zip(self.label_keys, labels if isinstance(labels, (tuple, list)) else (labels,)))
         stage = self.stage
         if not stage.training:  # evaluation: no MTP, no balance terms
-            return out.lm_loss if self.objective is None else self.objective.output_eval_loss(out, batch)
-        if self.objective is None:
-            loss, stage.last_parts = total_loss(out, stage.weights, carried)
-        else:
-            loss, stage.last_parts = self.objective.output_loss(out, batch, stage.weights, carried)
+            return self.objective.output_eval_loss(out, batch)
+        loss, stage.last_parts = self.objective.output_loss(out, batch, stage.weights, carried)
         return loss
 
     @property
     def part_names(self) -> tuple:
-        """The logged parts besides the loss (``Objective.names[1:]``; pretraining's ``LOSS_NAMES[1:]``)."""
-        return tuple((LOSS_NAMES if self.objective is None else self.objective.names)[1:])
+        """The logged parts besides the loss (``Objective.names[1:]``)."""
+        return tuple(self.objective.names[1:])
 
     def get_additional_losses(self):
         """DeepSpeed averages these over micro-batches and data-parallel ranks and broadcasts them to all stages;
@@ -338,14 +336,14 @@ def to_pipeline_module(model: nn.Module, topo, cfg: Config) -> DeepSeekPipeline:
 
 # ------------------------------------------------------------------------------------------- training loop
 
-def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batch_fn, device, objective=None):
+def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batch_fn, device, objective):
     """One optimizer step with DeepSpeed's 1F1B schedule over this data-parallel rank's micro-batches.
 
     micro_batches: the data stream's rows, one per micro-batch (every stage draws them; the first and last stage
     read them); batch_fn: rows -> the objective's batch on the device, ``{"input_ids", "labels", "document_ids",
     ...}`` (``pretrain.train.Objective.batch``: pretraining's (mb, seq + 1) windows, SFT's packed rows with masked
     labels and per-row document ids, a preference pair's lengths and reference log-probs, a rollout's advantages);
-    objective: its ``output_loss`` / ``names`` on the last stage (None: pretraining's ``total_loss``). Returns (the
+    objective: its ``output_loss`` / ``names`` on the last stage (``pretrain.train.Objective``). Returns (the
     objective's parts (``names``) averaged over micro-batches and data-parallel ranks, identical on every rank;
     dropped token copies; expert load (L, E) of the training micro-batches summed over micro-batches,
     data-parallel ranks and stages). The bias is moved by the caller (``balance_experts``) once it knows whether
@@ -365,7 +363,7 @@ def pipeline_train_batch(engine, micro_batches: list, weights: LossWeights, batc
     return (means, *module.collect_expert_load(device))
 
 
-def pipeline_batches(micro_batches: list, batch_fn, module=None, objective=None):
+def pipeline_batches(micro_batches: list, batch_fn, module, objective):
     """DeepSpeed's (inputs, labels) per micro-batch. inputs = (input_ids, labels[, document_ids]) for the first
     stage, which sends them on to the last (see the module docstring); labels = the batch's other tensors (and
     numbers, as 0-d tensors) for the last stage's ``last_stage_loss``, under ``module.label_keys``. Every stage
@@ -383,13 +381,12 @@ def pipeline_batches(micro_batches: list, batch_fn, module=None, objective=None)
         keys = names
         inputs = (b["input_ids"], b["labels"]) + (() if doc is None else (doc,))
         batches.append((inputs, (b["labels"], *extra.values())))
-    if module is not None:
-        module.objective, module.label_keys = objective, keys or ("labels",)
+    module.objective, module.label_keys = objective, keys or ("labels",)
     return iter(batches)
 
 
 @torch.no_grad()
-def pipeline_eval_loss(engine, micro_batches: list, batch_fn, objective=None) -> float:
+def pipeline_eval_loss(engine, micro_batches: list, batch_fn, objective) -> float:
     """Mean held-out loss (``Objective.output_eval_loss``; pretraining: the main head's, MTP off) over micro-batches
     and data-parallel ranks, on every rank. No expert load is collected (the stages count training micro-batches
     only)."""
