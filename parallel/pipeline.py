@@ -446,6 +446,16 @@ def stage_forward(stage: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     return out
 
 
+def forward_everywhere(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, reduce, shape,
+                       link: PipeLink | None = None) -> torch.Tensor:
+    """``reduce(model output)`` (an fp32 tensor of ``shape``) of ``stage_forward`` on every stage of the pipeline:
+    computed by the last stage and broadcast over the pp group (without a pipeline: the model's own)."""
+    link = link or pipe_link(model)
+    out = stage_forward(model, input_ids, labels, link=link)
+    value = None if out is None else reduce(out).float()
+    return value if link is None else link.share(value, shape, torch.float32, input_ids.device)
+
+
 def cut_stage(model: DeepSeekModel, cfg: Config, topo) -> nn.Module:
     """This rank's stage of ``model`` (training's stage bounds, the other stages' modules removed) under
     ``parallel.pp`` > 1, else the model: a frozen copy beside the training engine (DPO's reference, RL's

@@ -140,17 +140,13 @@ def output_logps(out, labels: torch.Tensor, average: bool = False) -> torch.Tens
     return logps / keep.sum(-1).clamp(min=1) if average else logps
 
 
-def sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor | None:
+def sequence_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
     """``output_logps`` of ``model`` (a whole model, or a pipeline stage: through the pipeline, the log-probs on
     every stage) on the batch."""
-    from parallel.pipeline import pipe_link, stage_forward
+    from parallel.pipeline import forward_everywhere
 
-    link = pipe_link(model)
-    out = stage_forward(model, batch["input_ids"], batch["labels"], link=link)
-    logps = None if out is None else output_logps(out, batch["labels"], average).float()
-    if link is None:
-        return logps
-    return link.share(logps, batch["input_ids"].shape[:1], torch.float32, batch["input_ids"].device)
+    ids, labels = batch["input_ids"], batch["labels"]
+    return forward_everywhere(model, ids, labels, lambda out: output_logps(out, labels, average), ids.shape[:1])
 
 
 class DPOObjective(PairObjective):

@@ -338,11 +338,10 @@ class GRPOObjective(PosttrainObjective):
     def token_outputs(self, model, b: dict) -> torch.Tensor:
         """``model``'s per-token ``loss_fn`` values (B, T) on the batch (NLLs; the critic's values), no grad: the
         model whole, or this rank's pipeline stage (then through the pipeline, and on every stage)."""
-        from parallel.pipeline import stage_forward
+        from parallel.pipeline import forward_everywhere
 
-        out = stage_forward(model, b["input_ids"], b["labels"], link=self.link)
-        values = None if out is None else out.lm_loss.float()
-        return values if self.link is None else self.link.share(values, b["labels"].shape, torch.float32, self.device)
+        return forward_everywhere(model, b["input_ids"], b["labels"], lambda out: out.lm_loss, b["labels"].shape,
+                                  self.link)
 
     def _inputs(self, rollout: ro.Rollout, pos: torch.Tensor) -> dict:
         """The micro-batch of this rank's rows ``pos``, cut after its longest row's last token (the padding to
