@@ -152,6 +152,8 @@ class ExpertParallelExperts(GroupedExperts):
         self.ep_group, self.tp_group = ep_group, tp_group
         self.local_backwards = 0  # under TP: how many coming backwards keep their gradients local (sync_expert_grads)
         self.local_grads = False  # .grad holds deferred, not yet TP-summed micro-batches
+        self.shard_grads = False  # ZeRO-2: deferred micro-batches are reduce-scattered into ``grad_shard`` instead
+        self.grad_shard = None  # this TP rank's fp32 shard of the deferred micro-batches' TP-summed gradients
         local = slice(self.first_expert, self.first_expert + num_local)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
@@ -245,7 +247,14 @@ class _SumGradOverGroup(torch.autograd.Function):
     While ``module.local_backwards`` > 0 (``sync_expert_grads``: micro-batches before the accumulation boundary) the
     gradients stay local and accumulate in ``.grad``; the boundary micro-batch then all-reduces its gradients
     together with the accumulated ones, so the expert gradients cross TP once per step, not once per micro-batch.
-    ``.grad`` is set to the sum here and a zero is returned: the replicated weights get bit-identical gradients."""
+    ``.grad`` is set to the sum here and a zero is returned: the replicated weights get bit-identical gradients.
+
+    ZeRO-2 takes the gradients out of ``.grad`` after every micro-batch, so there they cannot wait in ``.grad``
+    (``module.shard_grads``): each deferred micro-batch's gradients are reduce-scattered over TP and this rank's
+    shard of the sum is accumulated in fp32 (``module.grad_shard``; autograd gets zeros), and the boundary
+    micro-batch reduce-scatters its own, adds them and all-gathers the total once: per step (micro-batches)
+    reduce-scatters and one all-gather over TP, the analytic minimum's bytes, instead of an all-reduce per
+    micro-batch (twice the bytes)."""
 
     @staticmethod
     def forward(ctx, module, group, *weights: torch.Tensor):
@@ -258,8 +267,18 @@ class _SumGradOverGroup(torch.autograd.Function):
         params = (module.gate_proj, module.up_proj, module.down_proj)
         if module.local_backwards > 0:
             module.local_backwards -= 1
+            if module.shard_grads:
+                _add_to_grad_shard(module, grads, ctx.group)
+                return (None, None, *(torch.zeros_like(g) for g in grads))
             module.local_grads = True
             return (None, None, *grads)
+        if module.grad_shard is not None:  # the boundary after reduce-scattered micro-batches: gather the total
+            _add_to_grad_shard(module, grads, ctx.group)
+            shard, module.grad_shard = module.grad_shard.to(grads[0].dtype), None
+            full = shard.new_empty(shard.numel() * dist.get_world_size(ctx.group))
+            dist.all_gather_into_tensor(full, shard, group=ctx.group)
+            return (None, None, *(f.view_as(g).to(g.dtype) for f, g in
+                                  zip(full[:sum(g.numel() for g in grads)].split([g.numel() for g in grads]), grads)))
         # earlier deferred micro-batches' local sums: in .grad, or in DeepSpeed's fp32 ``grad_accum`` (its
         # grad_accum_dtype); gradients already summed (every micro-batch synced) are not summed again
         acc = [p.grad if p.grad is not None else getattr(p, "grad_accum", None) for p in params]
@@ -276,15 +295,27 @@ class _SumGradOverGroup(torch.autograd.Function):
         return (None, None, *(torch.zeros_like(g) for g in grads))
 
 
-def sync_expert_grads(model: nn.Module, now: bool, local_backwards: int | None = None) -> None:
-    """Whether the next backward sums the TP-split experts' weight gradients over TP (the accumulation boundary, or
-    always when gradients leave ``.grad`` every micro-batch: ZeRO-2) or leaves them local. ``local_backwards``: the
-    next that many backwards stay local and the one after sums (the pipeline engine, whose 1F1B schedule runs the
-    forwards ahead of the backwards but the backwards in micro-batch order: gas - 1 before its step)."""
+def _add_to_grad_shard(module: "ExpertParallelExperts", grads, group) -> None:
+    """Reduce-scatter one micro-batch's expert weight gradients over ``group`` (flattened, zero-padded to a multiple
+    of the group size) and add this rank's part to ``module.grad_shard`` (fp32)."""
+    size = dist.get_world_size(group)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = F.pad(flat, (0, -flat.numel() % size))
+    part = flat.new_empty(flat.numel() // size)
+    dist.reduce_scatter_tensor(part, flat, group=group)
+    module.grad_shard = part.float() if module.grad_shard is None else module.grad_shard.add_(part)
+
+
+def sync_expert_grads(model: nn.Module, now: bool, local_backwards: int | None = None, shard: bool = False) -> None:
+    """Whether the next backward sums the TP-split experts' weight gradients over TP (the accumulation boundary) or
+    leaves them local. ``local_backwards``: the next that many backwards stay local and the one after sums (the
+    pipeline engine, whose 1F1B schedule runs the forwards ahead of the backwards but the backwards in micro-batch
+    order: gas - 1 before its step). ``shard``: gradients leave ``.grad`` every micro-batch (ZeRO-2), so the
+    deferred ones are reduce-scattered into a per-rank shard (``_SumGradOverGroup``)."""
     count = (0 if now else 1) if local_backwards is None else local_backwards
     for m in model.modules():
         if isinstance(m, ExpertParallelExperts):
-            m.local_backwards = count
+            m.local_backwards, m.shard_grads = count, shard
 
 
 def _deepspeed_marker(num_experts: int, ep_size: int) -> nn.Module:

@@ -437,6 +437,8 @@ def stage_memory(cfg: Config, counts: Counter, stage: int, layers: list[int], tp
         "optimizer_bytes": (dense / (dp if z >= 1 else 1) + expert / (edp if z >= 1 else 1)) * obytes,
         # ZeRO 1/2 reduce each rank's gradient partition into an fp32 copy the optimizer steps with
         "grad_partition_bytes": (dense / dp + expert / edp) * 4 if z >= 1 else 0,
+        # ZeRO-2 under TP: the TP-split experts' deferred gradients wait in an fp32 shard (parallel.expert)
+        "grad_shard_bytes": expert / tp * 4 if z >= 2 and tp > 1 else 0,
         "comm_buffers_bytes": _comm_buffer_bytes(cfg, dense + expert, gbytes, dp, pp),
     }
     acts = _stage_activation_bytes(cfg, stage, layers, tp, pp, dp)
@@ -508,8 +510,8 @@ def comm_bytes_by_group(cfg: Config, inv: Inventory, tp: int, pp: int, ep: int, 
       and the shared RoPE key); the routed experts' rows all-gathered after the combine and their gradient
       all-gathered in backward; the embedding's forward and each head's backward all-reduce. Full recomputation
       repeats the forward ones. As implemented, the replicated experts' weight gradients are also summed over TP
-      (``parallel.expert``: once per step, per micro-batch under ZeRO-2); the minimum folds that sum
-      into the expert-data-parallel reduction (over TP x dp / ep ranks).
+      (``parallel.expert``: once per step; under ZeRO-2 a reduce-scatter per micro-batch and one all-gather);
+      the minimum folds that sum into the expert-data-parallel reduction (over TP x dp / ep ranks).
     - EP, per MoE layer and micro-batch: dispatch and combine, forward and backward, of this rank's rows' k copies,
       the (ep - 1) / ep sent to other ranks under balanced routing.
     - DP/ZeRO: ZeRO 0 all-reduces the gradients; ZeRO 1/2 reduce each partition to its owner (pretrain.engine sets
@@ -545,11 +547,16 @@ def _stage_comm(cfg: Config, counts: Counter, s: int, layers: list[int], layout:
         heads = 1 + m.num_nextn_predict_layers if s == pp - 1 else 0
         ar += (tokens * h if s == 0 else 0) + heads * (tokens * h + 3 * tokens)  # embedding; head + CE
         # the replicated experts' weight gradients: summed over TP at the accumulation boundary (the pipeline's last
-        # backward), every micro-batch when ZeRO-2 takes the gradients away each micro-batch
-        syncs = 0 if minimum else (micro if cfg.parallel.zero_stage >= 2 else 1)
+        # backward); under ZeRO-2, which takes the gradients away each micro-batch, each micro-batch's are
+        # reduce-scattered over TP into a per-rank shard and the total all-gathered once (parallel.expert)
+        shard_sync = not minimum and cfg.parallel.zero_stage >= 2
+        syncs = 0 if minimum or shard_sync else 1
         row["tp"]["all_reduce"] = _ring("all_reduce", tp) * (micro * ar * act + syncs * expert * gbytes)
         row["tp"]["all_gather"] = micro * _ring("all_gather", tp) * moe_blocks * (
             (fwd_repeat + 1) * tokens * h * act + tokens * m.num_experts_per_tok * 4)
+        if shard_sync:
+            row["tp"]["reduce_scatter"] = micro * _ring("reduce_scatter", tp) * expert * gbytes
+            row["tp"]["all_gather"] += _ring("all_gather", tp) * expert * gbytes
     if ep > 1:
         copies = tokens / tp * m.num_experts_per_tok * moe_blocks
         row["ep"]["all_to_all"] = micro * (2 * fwd_repeat + 2) * copies * h * act * (ep - 1) / ep

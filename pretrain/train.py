@@ -326,8 +326,9 @@ def _forward_backward(run: Run, micro_batches: list, weights: LossWeights):
         # the accumulation steps after a number of micro-steps that is not a multiple of the new value (and after
         # a resume, which restarts micro_steps at 0). The last micro-batch of this step is the boundary.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        # TP-split experts: their weight gradients cross TP at the boundary only (ZeRO-2 reduces every micro-batch)
-        sync_expert_grads(engine.module, i == len(micro_batches) - 1 or run.cfg.parallel.zero_stage >= 2)
+        # TP-split experts: their weight gradients cross TP at the boundary only (under ZeRO-2, which takes .grad
+        # every micro-batch, each micro-batch's are reduce-scattered into a per-rank shard, gathered at the boundary)
+        sync_expert_grads(engine.module, i == len(micro_batches) - 1, shard=run.cfg.parallel.zero_stage >= 2)
         loss, parts, out = run.objective.loss(engine, run.objective.batch(run, tokens), weights)
         for kind, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf")), ("spike_loss", 100.0)):
             if faults.active(kind, step, rank):  # tests only (pretrain.faults)

@@ -98,7 +98,8 @@ def test_peak_memory_logged_on_the_first_steps_only():
 
 
 LAYOUTS = {"dp2": (2, []), "tp2": (2, ["parallel.tp=2"]), "dp2 ep2": (2, ["parallel.ep=2"]),
-           "tp2 pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pipeline_layout=[1,1]"])}
+           "tp2 pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pipeline_layout=[1,1]"]),
+           "tp2 zero2": (2, ["parallel.tp=2", "parallel.zero_stage=2"])}
 
 
 @pytest.mark.slow
@@ -106,7 +107,8 @@ LAYOUTS = {"dp2": (2, []), "tp2": (2, ["parallel.tp=2"]), "dp2 ep2": (2, ["paral
 def test_memory_and_bytes_estimates_hold(data_dir, tmp_path, layout):
     """pretrain.info's per-rank memory is within 15% of the busiest rank's live-tensor peak and its bytes estimate
     within 5% of the counted collective bytes, which are within 1.25x the layout's analytic minimum (train.profile_step=2
-    of the tiny preset, fp32; tp2 and tp2 pp2 run 2 micro-batches per step, so a per-micro-batch sum would show)."""
+    of the tiny preset, fp32; tp2, tp2 pp2 and tp2 zero2 run 2 micro-batches per step, so a per-micro-batch sum
+    would show: under ZeRO-2 the TP-split experts' gradients are reduce-scattered per micro-batch, gathered once)."""
     nproc, overrides = LAYOUTS[layout]
     common = ["train.precision=fp32", "train.profile_step=2", "train.global_batch_size=4", "train.micro_batch_size=2"]
     train(tmp_path, data_dir, nproc, *common, *overrides)

@@ -145,11 +145,13 @@ def test_pp2_skipped_step_leaves_the_bias(data_dir, tmp_path, monkeypatch):
     (2, ["parallel.ep=2", "parallel.zero_stage=0"]),
     (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
     (2, ["parallel.pp=2", "parallel.zero_stage=0"]),
-], ids=["zero0-tp2", "zero0-dp2-ep2", "zero2-dp2-ep2", "zero0-pp2"])
+    (2, ["parallel.tp=2", "parallel.zero_stage=2"]),
+], ids=["zero0-tp2", "zero0-dp2-ep2", "zero2-dp2-ep2", "zero0-pp2", "zero2-tp2"])
 def test_grad_norm_and_losses_are_the_single_process_ones(reference, data_dir, tmp_path, nproc, layout):
     """train/grad_norm is the single process's in every layout and ZeRO stage (clipping is active, so the
     losses of steps 2-3 also depend on it): ZeRO 0 used to count TP-replicated parameters tp times and average
-    the per-rank norms over data-parallel ranks (each holding other experts)."""
+    the per-rank norms over data-parallel ranks (each holding other experts). zero2-tp2 (4 micro-batches): the
+    TP-split experts' gradients reduce-scattered per micro-batch into a shard and gathered at the boundary."""
     got = train(tmp_path / "run", data_dir, nproc, *layout)
     assert reference[1]["grad_norm"] > 1.0
     for want, have in zip(reference, got):
