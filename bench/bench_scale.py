@@ -131,10 +131,11 @@ def format_scale(rows: list[dict]) -> str:
     mib = 2 ** 20
     lines = ["| layout | ranks | FLOPs sum / ideal | busiest rank / ideal | bytes busiest rank MiB | "
              "pretrain.info bytes MiB (est / measured) | analytic minimum MiB (measured / min) | "
-             "peak tensors MiB (w/g/opt/act) | pretrain.info memory MiB (est / peak) |", "|" + "---|" * 9]
+             "peak tensors MiB (w/g/opt/act/comm) | pretrain.info memory MiB (est / peak) |", "|" + "---|" * 9]
     for r in rows:
         split = r["memory_split"]
-        parts = "/".join(f"{split[k] / mib:.0f}" for k in ("weights", "gradients", "optimizer", "activations"))
+        parts = "/".join(f"{split[k] / mib:.0f}" for k in ("weights", "gradients", "optimizer", "activations",
+                                                            "comm_buffers") if k in split)
         lines.append(
             f"| {r['layout']} | {r['world']} | {r['flops_sum'] / r['single_flops']:.3f} | "
             f"{r['flops_max'] / r['ideal_flops']:.3f} | {r['bytes_max'] / mib:.1f} | "

@@ -17,7 +17,8 @@
 - Memory: torch's ``MemTracker`` (a ``TorchDispatchMode`` tracking tensor storages through weak references, the
   same on CPU and GPU) with the module, the optimizer and the tensors the (ZeRO) optimizer holds registered before
   the step; the peak is the largest sum of live storages during the step, split into weights, gradients, optimizer
-  state and activations (forward activations plus backward temporaries; communication buffers are among them).
+  state, activations (forward activations plus backward temporaries) and communication buffers (DeepSpeed's
+  gradient-reduction buckets, ``comm_buffers``; the categories they were counted in at the peak give them back).
   On GPU ``torch.cuda.max_memory_allocated`` is reported next to it.
 """
 from __future__ import annotations
@@ -195,21 +196,59 @@ def _tensors_of(obj, depth: int = 3):
                 yield from _tensors_of(x, depth - 1)
 
 
-def _memory_split(peak: dict) -> dict:
-    """MemTracker's categories -> weights, gradients, optimizer state, activations (and temporaries)."""
-    get = lambda *keys: int(sum(peak.get(k, 0) for k in keys))  # noqa: E731
+def _memory_split(peak: dict, comm: dict | None = None) -> dict:
+    """MemTracker's categories -> weights, gradients, optimizer state, activations (and temporaries) and
+    communication buffers: ``comm`` ({category: bytes}) is the part of each category that was DeepSpeed's gradient
+    reduction buckets (``comm_buffers``) at that moment; it moves to ``comm_buffers``."""
+    comm = comm or {}
+    get = lambda *keys: int(sum(peak.get(k, 0) - comm.get(k, 0) for k in keys))  # noqa: E731
     return {"weights": get("Parameter", "Buffer"), "gradients": get("Gradient"),
-            "optimizer": get("Optstate", "Other"), "activations": get("Activation", "Temp")}
+            "optimizer": get("Optstate", "Other"), "activations": get("Activation", "Temp"),
+            "comm_buffers": int(sum(comm.values()))}
 
 
-def _step_mem_tracker():
+def comm_buffers(optimizer) -> list[torch.Tensor]:
+    """DeepSpeed's gradient-reduction buckets: ZeRO 1/2's ``ipg_buckets[dtype].buffer`` (``reduce_bucket_size``
+    elements each, allocated again at every micro-step; a second one with ``overlap_comm`` or under the pipeline
+    engine). ZeRO 0's flattened all-reduce buffers are temporaries of the step and stay with the activations."""
+    buckets = getattr(optimizer, "ipg_buckets", None) or {}
+    return [t for b in buckets.values() for t in getattr(b, "buffer", ()) if isinstance(t, torch.Tensor)]
+
+
+def _step_mem_tracker(optimizer=None):
     """torch's ``MemTracker`` without its per-module snapshots: those refuse a module called twice in one step
     (the shared embedding and head under MTP, every micro-batch). The module's parameters get their gradient hooks
     once in ``StepProfiler.__enter__``; live storages, the peak and the categories work as in ``MemTracker``
-    (in backward: "Temp", else "Activation"; inside ``optimizer.step``: "Optstate")."""
+    (in backward: "Temp", else "Activation"; inside ``optimizer.step``: "Optstate"). Whenever the peak rises it
+    also records which categories hold ``optimizer``'s live communication buffers (``peak_comm``)."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class StepMemTracker(MemTracker):
+        peak_comm: dict = {}
+        _pending = False  # the peak rose at the last op: look at the buffers again after it (see below)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # DeepSpeed appends a new bucket to its list after torch.empty returns: when the allocation itself set
+            # the peak, the list is complete only at the next op (which frees or creates no bucket)
+            if self._pending:
+                self.peak_comm, self._pending = self.live_comm(), False
+            before = dict(self._peak_mem)
+            super()._update_peak_stats(peak_state)
+            if optimizer is not None and self._peak_mem != before:
+                self.peak_comm, self._pending = self.live_comm(), True
+
+        def live_comm(self) -> dict:
+            """{category: bytes} of the communication buffers alive now (each storage once)."""
+            out, seen = {}, set()
+            for t in comm_buffers(optimizer):
+                for st in get_untyped_storages(t):
+                    winfo = self._WINFO.get(st, (None, None))[0]
+                    if winfo is not None and id(st) not in seen:
+                        seen.add(id(st))
+                        out[str(winfo.reftype.value)] = out.get(str(winfo.reftype.value), 0) + winfo.mem_consumed
+            return out
+
         def _pre_fw_hook(self, module, inputs) -> None:
             pass
 
@@ -239,9 +278,9 @@ class StepProfiler:
         from torch.utils.flop_counter import FlopCounterMode
 
         register_flop_formulas()
-        self.memory = _step_mem_tracker()
-        self.memory._track_module_params_and_buffers(self.engine.module, install_grad_hooks=True)
         optimizer = getattr(self.engine, "optimizer", None)
+        self.memory = _step_mem_tracker(optimizer)
+        self.memory._track_module_params_and_buffers(self.engine.module, install_grad_hooks=True)
         inner = getattr(optimizer, "optimizer", optimizer)
         if isinstance(inner, torch.optim.Optimizer):
             self.memory.track_external(inner)
@@ -276,8 +315,9 @@ class StepProfiler:
             "comm_bytes": {k: float(self.comm.bytes.get(k, 0.0)) for k in _KINDS},
             "comm_calls": {k: int(self.comm.calls.get(k, 0)) for k in _KINDS},
             "peak_bytes": int(peak.get("Total", 0)),
-            "memory": _memory_split(peak),  # at the moment of the peak
-            "memory_after_step": _memory_split(end),  # what stays: weights, gradients, optimizer state
+            "memory": _memory_split(peak, self.memory.peak_comm),  # at the moment of the peak
+            # what stays: weights, gradients, optimizer state (and the last micro-step's buckets)
+            "memory_after_step": _memory_split(end, self.memory.live_comm()),
             "memory_tracker_peak": {str(getattr(k, "value", k)): int(v) for k, v in peak.items()},
         }
         if torch.cuda.is_available():
