@@ -16,7 +16,8 @@ and one process runs it too. Per layout:
   estimate (``memory_per_rank_bytes``).
 
 ``--timing``: tp2 vs dp2 step time at the same global batch on a MoE-heavy variant (most FLOPs in the experts),
-median tokens/s over the steps after the first, the layouts alternating run by run.
+median tokens/s over the steps after the first, the layouts alternating run by run; tp2 both at dp2's micro-batch and
+at twice it ("tp2 micro 8": each TP rank then runs as many expert rows per micro-batch as a dp2 rank).
 """
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ WORLD = {"1": 1, "dp2": 2, "tp2": 2, "dp2 ep2": 2, "pp2": 2, "tp2 dp2 ep2": 4, "
 # The bench's shards come from a 2048-piece tokenizer; micro batch 4 x global 16 suits every layout's dp.
 COMMON = ["model.vocab_size=2048", "train.micro_batch_size=4", "train.global_batch_size=16", "train.precision=fp32",
           "train.save_interval=100000", "train.heatmap_interval=100000", "train.log_interval=1"]
+# --timing only: tp2 with the micro-batch that gives each TP rank dp2's expert rows per micro-batch (the experts run on
+# 1/tp of the rows, so at dp2's micro-batch each expert GEMM is half as tall and there are twice as many micro-batches)
+TIMING_LAYOUTS = {"tp2 micro 8": ["parallel.tp=2", "train.micro_batch_size=8"]}
+LAYOUTS_ALL = {**LAYOUTS, **TIMING_LAYOUTS}
+WORLD["tp2 micro 8"] = 2
 MOE_HEAVY = ["model.moe_intermediate_size=1024", "model.num_experts_per_tok=4", "model.n_shared_experts=0",
              "model.num_nextn_predict_layers=0"]
 
@@ -62,7 +68,7 @@ def run_layout(preset: str, name: str, data: Path, steps: int, extra: list[str],
     run_dir = CACHE / "runs" / tag
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     args = ["--config", preset, f"data.paths=[{data}]", f"train.output_dir={run_dir}", f"train.steps={steps}",
-            *COMMON, *LAYOUTS[name], *extra] + (["train.profile_step=2"] if profile else [])
+            *COMMON, *LAYOUTS_ALL[name], *extra] + (["train.profile_step=2"] if profile else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD[name]),
            "-m", "pretrain.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -151,7 +157,7 @@ def timing(preset: str, data: Path, steps: int = 6, rounds: int = 2) -> str:
     from pretrain.config import load_config
     from pretrain.info import flops_breakdown
 
-    rates = {"dp2": [], "tp2": [], "1": []}
+    rates = {"dp2": [], "tp2": [], "tp2 micro 8": [], "1": []}
     for _ in range(rounds):
         for name in rates:
             rates[name] += run_layout(preset, name, data, steps, MOE_HEAVY, profile=False)["rates"][1:]

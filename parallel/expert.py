@@ -284,6 +284,15 @@ class _SumGradOverGroup(torch.autograd.Function):
         acc = [p.grad if p.grad is not None else getattr(p, "grad_accum", None) for p in params]
         acc = acc if module.local_grads else [None] * len(params)
         module.local_grads = False
+        if all(a is not None and a.is_contiguous() for a in acc):
+            # accumulated micro-batches: add this one in place and all-reduce each buffer in place (no flat copy
+            # and copy back: these are the largest gradients of the model); backward then adds a broadcast zero
+            for a, g in zip(acc, grads):
+                a.add_(g.to(a.dtype).view(a.shape))
+            for a in acc:
+                dist.all_reduce(a, group=ctx.group)
+            zero = grads[0].new_zeros(())
+            return (None, None, *(zero.expand_as(g) for g in grads))
         dtype = next((a.dtype for a in acc if a is not None), grads[0].dtype)
         flat = torch.cat([(g.to(dtype) if a is None else a + g.to(dtype)).reshape(-1) for g, a in zip(grads, acc)])
         dist.all_reduce(flat, group=ctx.group)
