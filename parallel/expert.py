@@ -22,8 +22,9 @@ TP ranks (TP leaves activations replicated between layers), so each TP rank take
 router ran on all of them: its balance terms and expert loads are the single process's), dispatches them within its
 own EP group (the ranks with the same TP rank), and the expert outputs are all-gathered over TP after the combine:
 no expert work is repeated. Experts stay replicated over TP; each rank's expert gradient covers its token rows, so
-the three stacked weights' gradients are summed over TP in one all-reduce per layer and micro-batch
-(``_SumGradOverGroup``), which leaves them identical on the TP ranks, as DeepSpeed and ``parallel.grad_norm``
+the three stacked weights' gradients are summed over TP once per step (``_SumGradOverGroup``: at the accumulation
+boundary, in place; under ZeRO-2 reduce-scattered per micro-batch and gathered once), which leaves them identical
+on the TP ranks, as DeepSpeed and ``parallel.grad_norm``
 expect of replicated parameters. The split's backward all-gathers the input (and gating-weight) gradients, so
 the router and the layers below see complete gradients.
 """
@@ -241,8 +242,8 @@ class _AllGatherRows(torch.autograd.Function):
 
 
 class _SumGradOverGroup(torch.autograd.Function):
-    """Identity on the expert weights; backward sums their gradients over the group in one all-reduce (one
-    collective per layer, in the same order on every rank whichever weights received tokens).
+    """Identity on the expert weights; backward sums their gradients over the group (the same collectives in the
+    same order on every rank whichever weights received tokens).
 
     While ``module.local_backwards`` > 0 (``sync_expert_grads``: micro-batches before the accumulation boundary) the
     gradients stay local and accumulate in ``.grad``; the boundary micro-batch then all-reduces its gradients
