@@ -27,7 +27,7 @@ def _distinct(rows):
     return list(seen.values())
 
 
-def test_v3_paper_layout_fits_in_the_first_quarter_at_under_twice_the_paper_cost(v3_plan):
+def test_v3_paper_layout_fits_in_the_first_third_at_under_twice_the_paper_cost(v3_plan):
     """The planner models this trainer, not DeepSeek's: 1F1B (PP16's bubble 15 / 135 = 11%, no DualPipe), stages
     cut by parameter count (the busiest stage sets the pace), every routed copy sent on its own (no per-node
     deduplication, bf16 not FP8), and V3's activations fit 80 GiB only with full recomputation (x 4/3 compute; DeepSeek
