@@ -270,7 +270,7 @@ class _SumGradOverGroup(torch.autograd.Function):
             module.local_backwards -= 1
             if module.shard_grads:
                 _add_to_grad_shard(module, grads, ctx.group)
-                return (None, None, *(torch.zeros_like(g) for g in grads))
+                return (None, None, *_zeros_like(grads))
             module.local_grads = True
             return (None, None, *grads)
         if module.grad_shard is not None:  # the boundary after reduce-scattered micro-batches: gather the total
@@ -280,29 +280,25 @@ class _SumGradOverGroup(torch.autograd.Function):
             dist.all_gather_into_tensor(full, shard, group=ctx.group)
             return (None, None, *(f.view_as(g).to(g.dtype) for f, g in
                                   zip(full[:sum(g.numel() for g in grads)].split([g.numel() for g in grads]), grads)))
-        # earlier deferred micro-batches' local sums: in .grad, or in DeepSpeed's fp32 ``grad_accum`` (its
-        # grad_accum_dtype); gradients already summed (every micro-batch synced) are not summed again
-        acc = [p.grad if p.grad is not None else getattr(p, "grad_accum", None) for p in params]
-        acc = acc if module.local_grads else [None] * len(params)
-        module.local_grads = False
-        if all(a is not None and a.is_contiguous() for a in acc):
-            # accumulated micro-batches: add this one in place and all-reduce each buffer in place (no flat copy
-            # and copy back: these are the largest gradients of the model); backward then adds a broadcast zero
-            for a, g in zip(acc, grads):
-                a.add_(g.to(a.dtype).view(a.shape))
-            for a in acc:
-                dist.all_reduce(a, group=ctx.group)
-            zero = grads[0].new_zeros(())
-            return (None, None, *(zero.expand_as(g) for g in grads))
-        dtype = next((a.dtype for a in acc if a is not None), grads[0].dtype)
-        flat = torch.cat([(g.to(dtype) if a is None else a + g.to(dtype)).reshape(-1) for g, a in zip(grads, acc)])
+        if module.local_grads:
+            # earlier deferred micro-batches' local sums, in .grad or in DeepSpeed's fp32 ``grad_accum`` (its
+            # grad_accum_dtype; both contiguous, like the parameters): add this micro-batch in place and all-reduce
+            # each buffer in place (no flat copy and copy back of the model's largest gradients)
+            module.local_grads = False
+            for p, g in zip(params, grads):
+                acc = p.grad if p.grad is not None else p.grad_accum
+                acc.add_(g.to(acc.dtype).view(acc.shape))
+                dist.all_reduce(acc, group=ctx.group)
+            return (None, None, *_zeros_like(grads))
+        flat = torch.cat([g.reshape(-1) for g in grads])  # nothing deferred: this micro-batch's, in one all-reduce
         dist.all_reduce(flat, group=ctx.group)
-        summed = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        if all(a is None for a in acc):
-            return (None, None, *(t.to(g.dtype) for t, g in zip(summed, grads)))
-        for a, total in zip(acc, summed):  # accumulated micro-batches: the sum replaces them, backward adds zero
-            a.copy_(total)
-        return (None, None, *(torch.zeros_like(g) for g in grads))
+        return (None, None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)))
+
+
+def _zeros_like(grads) -> list[torch.Tensor]:
+    """Zero gradients for autograd to add (one broadcast scalar: no weight-sized zeros are filled)."""
+    zero = grads[0].new_zeros(())
+    return [zero.expand_as(g) for g in grads]
 
 
 def _add_to_grad_shard(module: "ExpertParallelExperts", grads, group) -> None:
